@@ -1,0 +1,1 @@
+//! husk shim library.

@@ -1,0 +1,303 @@
+//! Starting and watching a real `husk-vmm` guest for tests.
+//!
+//! [`Vm::boot`] runs the husk-vmm binary with our kernel and initramfs, sends the guest console and
+//! the VMM's log to files in a private temp dir, and waits until the VMM reports that the agent
+//! announced itself ready. In the lab (`HUSK_KVM_MODE=lab`) the emulated SVM sometimes kills or
+//! hangs a guest mid-boot (DESIGN.md, "Host facts"); such a guest, and only one that dies *before*
+//! the agent is ready with a guest-side failure, may be booted again. Every retry is printed and
+//! counts against a budget shared by the whole test binary. A failure the VMM itself reports
+//! (exit status 1) is never retried.
+
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::{kvm_mode, required_path};
+
+/// How many lab-induced boot failures one test binary may absorb.
+const LAB_RETRY_BUDGET: u32 = 3;
+static LAB_RETRIES_USED: AtomicU32 = AtomicU32::new(0);
+
+/// The line husk-vmm logs when the agent writes "ready" to the boot port.
+pub const READY_MARKER: &str = "guest ready boot_ms=";
+
+/// husk-vmm exit statuses (docs/contracts.md).
+pub mod status {
+    /// Clean guest exit.
+    pub const CLEAN: i32 = 0;
+    /// VMM error.
+    pub const VMM_ERROR: i32 = 1;
+    /// Command-line usage error.
+    pub const USAGE: i32 = 2;
+    /// Guest panic.
+    pub const GUEST_PANIC: i32 = 3;
+    /// Stopped by a host signal.
+    pub const STOPPED_BY_HOST: i32 = 4;
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Extra kernel command-line words.
+    pub cmdline_extra: Option<String>,
+    /// How long the guest may take to announce ready.
+    pub ready_timeout: Duration,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            mem_mib: 256,
+            cmdline_extra: None,
+            ready_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A running husk-vmm process and the files it writes.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The hybrid vsock Unix socket.
+    pub vsock_uds: PathBuf,
+    /// Launch → ready as the VMM logged it.
+    pub boot_ms: u64,
+    exit: Option<ExitStatus>,
+}
+
+/// How one boot attempt ended before the guest was ready.
+enum Attempt {
+    Ready(Vm),
+    /// The guest died or hung before the agent was ready, a lab-type failure.
+    GuestLost(Vm, String),
+}
+
+impl Vm {
+    /// Boots a guest and waits for the agent to announce ready, retrying lab-induced early
+    /// guest deaths within the budget. Panics (fails the test) on anything else.
+    pub fn boot(opts: &VmOptions) -> Vm {
+        loop {
+            match Self::attempt(opts) {
+                Attempt::Ready(vm) => return vm,
+                Attempt::GuestLost(vm, why) => {
+                    let diag = vm.diagnostics();
+                    let in_lab = kvm_mode() == "lab";
+                    let used = LAB_RETRIES_USED.fetch_add(1, Ordering::SeqCst) + 1;
+                    if !in_lab || used > LAB_RETRY_BUDGET {
+                        panic!(
+                            "guest lost before the agent was ready: {why} \
+                             (kvm mode {}, lab retries used {}/{LAB_RETRY_BUDGET})\n{diag}",
+                            kvm_mode(),
+                            used - 1
+                        );
+                    }
+                    eprintln!(
+                        "LAB RETRY {used}/{LAB_RETRY_BUDGET}: guest lost before the agent was \
+                         ready: {why}\n{diag}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn attempt(opts: &VmOptions) -> Attempt {
+        let mut vm = Self::spawn(opts);
+        let deadline = Instant::now() + opts.ready_timeout;
+        loop {
+            let log = vm.vmm_log();
+            if let Some(ms) = parse_boot_ms(&log) {
+                vm.boot_ms = ms;
+                return Attempt::Ready(vm);
+            }
+            if let Some(st) = vm.try_exit() {
+                match st.code() {
+                    Some(status::GUEST_PANIC) => {
+                        return Attempt::GuestLost(vm, format!("husk-vmm exited {st}"))
+                    }
+                    _ => panic!(
+                        "husk-vmm failed before the guest was ready: {st}\n{}",
+                        vm.diagnostics()
+                    ),
+                }
+            }
+            if Instant::now() > deadline {
+                vm.kill();
+                return Attempt::GuestLost(
+                    vm,
+                    format!("no ready signal within {:?}", opts.ready_timeout),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts husk-vmm without waiting for anything.
+    pub fn spawn(opts: &VmOptions) -> Vm {
+        let vmm = required_path("HUSK_VMM");
+        let kernel = required_path("HUSK_KERNEL");
+        let initrd = required_path("HUSK_INITRD");
+        let dir = tempfile::Builder::new()
+            .prefix("husk-test-vm")
+            .tempdir()
+            .expect("temp dir");
+        let vsock_uds = dir.path().join("vsock.sock");
+        let console = dir.path().join("console.log");
+        let log = fs::File::create(dir.path().join("vmm.log")).expect("vmm log");
+        let mut cmd = Command::new(vmm);
+        cmd.arg("--kernel")
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(initrd)
+            .arg("--mem-mib")
+            .arg(opts.mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(opts.vcpus.to_string())
+            .arg("--vsock-uds")
+            .arg(&vsock_uds)
+            .arg("--console")
+            .arg(&console);
+        if let Some(extra) = &opts.cmdline_extra {
+            cmd.arg("--cmdline-extra").arg(extra);
+        }
+        let child = cmd
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn husk-vmm");
+        Vm {
+            child,
+            dir,
+            vsock_uds,
+            boot_ms: 0,
+            exit: None,
+        }
+    }
+
+    /// The directory holding this VM's files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The guest console so far.
+    pub fn console(&self) -> String {
+        read_lossy(&self.dir.path().join("console.log"))
+    }
+
+    /// husk-vmm's own log (stderr) so far.
+    pub fn vmm_log(&self) -> String {
+        read_lossy(&self.dir.path().join("vmm.log"))
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Non-blocking check whether husk-vmm has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().expect("try_wait");
+        }
+        self.exit
+    }
+
+    /// Waits up to `timeout` for husk-vmm to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_exit() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills husk-vmm (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            self.exit = self.child.wait().ok();
+        }
+    }
+
+    /// Sends a signal to husk-vmm.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("kill");
+    }
+
+    /// A text block with the exit status, the VMM log and the console tail, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let console = self.console();
+        let tail: String = {
+            let lines: Vec<&str> = console.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- exit: {}\n--- husk-vmm log:\n{}\n--- console (last 40 lines):\n{}",
+            self.exit
+                .map(describe_status)
+                .unwrap_or_else(|| "running".into()),
+            self.vmm_log(),
+            tail
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Describes an exit status, naming a signal if there was one.
+pub fn describe_status(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => format!("{st}"),
+    }
+}
+
+/// Finds the VMM's `guest ready boot_ms=N` line and returns N.
+pub fn parse_boot_ms(log: &str) -> Option<u64> {
+    let at = log.find(READY_MARKER)?;
+    let digits: String = log[at + READY_MARKER.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn read_lossy(p: &Path) -> String {
+    fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_ms_is_parsed_from_the_vmm_log() {
+        let log = "2026 INFO husk_vmm: guest ready boot_ms=812 vcpus=1\n";
+        assert_eq!(parse_boot_ms(log), Some(812));
+        assert_eq!(parse_boot_ms("nothing here"), None);
+        assert_eq!(parse_boot_ms("guest ready boot_ms=x"), None);
+    }
+}

@@ -1,0 +1,132 @@
+//! Component tests: boot our real guest kernel and agent initramfs with husk-vmm under a KVM that
+//! boots Linux, and talk to the agent from the host through the hybrid vsock socket.
+//!
+//! Run through `cargo xtask test` (inside the lab on hosts whose /dev/kvm is PVM).
+
+use std::time::Duration;
+
+use husk_integration::vm::{describe_status, status, Vm, VmOptions};
+use husk_shim::agent::AgentClient;
+
+const AGENT_PORT: u32 = 1024;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn connect(vm: &Vm) -> AgentClient {
+    match AgentClient::connect(&vm.vsock_uds, AGENT_PORT, Duration::from_secs(60)).await {
+        Ok(c) => c,
+        Err(e) => panic!("agent did not answer: {e}\n{}", vm.diagnostics()),
+    }
+}
+
+fn expect_exit(vm: &mut Vm, code: i32, within: Duration) {
+    match vm.wait_exit(within) {
+        Some(st) if st.code() == Some(code) => {}
+        Some(st) => panic!(
+            "husk-vmm ended with {}, expected exit status {code}\n{}",
+            describe_status(st),
+            vm.diagnostics()
+        ),
+        None => panic!(
+            "husk-vmm still running {within:?} later, expected exit status {code}\n{}",
+            vm.diagnostics()
+        ),
+    }
+}
+
+#[test]
+fn agent_answers_health_version_and_guest_details_then_shuts_down_cleanly() {
+    // loglevel=6 lets the kernel banner (KERN_NOTICE) through `quiet`.
+    let opts = VmOptions {
+        vcpus: 1,
+        mem_mib: 256,
+        cmdline_extra: Some("loglevel=6".into()),
+        ..Default::default()
+    };
+    let mut vm = Vm::boot(&opts);
+    eprintln!("guest ready after {} ms (husk-vmm's boot timer)", vm.boot_ms);
+    runtime().block_on(async {
+        let client = connect(&vm).await;
+        client.check().await.expect("Health.Check");
+        let version = client.version().await.expect("Health.Version");
+        assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
+
+        let details = client.guest_details().await.expect("GetGuestDetails");
+        assert!(
+            details.kernel_release.starts_with("6.1."),
+            "guest kernel release {:?} is not our 6.1 guest",
+            details.kernel_release
+        );
+        let host_release = nix::sys::utsname::uname().unwrap();
+        assert_ne!(
+            details.kernel_release,
+            host_release.release().to_string_lossy(),
+            "the agent reported the host's kernel"
+        );
+        assert_eq!(details.online_cpus, 1);
+        let total_mib = details.memory_total_bytes / (1024 * 1024);
+        assert!(
+            (200..=256).contains(&total_mib),
+            "guest sees {total_mib} MiB, configured 256"
+        );
+
+        client.shutdown().await.expect("Shutdown");
+    });
+    expect_exit(&mut vm, status::CLEAN, Duration::from_secs(30));
+    let console = vm.console();
+    assert!(
+        console.contains("Linux version 6.1"),
+        "kernel banner missing from console:\n{console}"
+    );
+    assert!(
+        !vm.vsock_uds.exists(),
+        "husk-vmm left its vsock socket behind"
+    );
+}
+
+#[test]
+fn two_vcpus_are_online_in_the_guest() {
+    let opts = VmOptions {
+        vcpus: 2,
+        ..Default::default()
+    };
+    let mut vm = Vm::boot(&opts);
+    runtime().block_on(async {
+        let client = connect(&vm).await;
+        let details = client.guest_details().await.expect("GetGuestDetails");
+        assert_eq!(details.online_cpus, 2, "{}", vm.diagnostics());
+        client.shutdown().await.expect("Shutdown");
+    });
+    expect_exit(&mut vm, status::CLEAN, Duration::from_secs(30));
+}
+
+#[test]
+fn a_dying_agent_is_reported_as_a_guest_panic() {
+    let opts = VmOptions {
+        cmdline_extra: Some("husk.test_fault=exit_after_ready".into()),
+        ..Default::default()
+    };
+    let mut vm = Vm::boot(&opts);
+    expect_exit(&mut vm, status::GUEST_PANIC, Duration::from_secs(60));
+    let console = vm.console();
+    assert!(
+        console.contains("Kernel panic"),
+        "no kernel panic on the console:\n{console}"
+    );
+}
+
+#[test]
+fn sigterm_to_the_vmm_stops_the_guest_and_cleans_up() {
+    let mut vm = Vm::boot(&VmOptions::default());
+    vm.signal(nix::sys::signal::Signal::SIGTERM);
+    expect_exit(&mut vm, status::STOPPED_BY_HOST, Duration::from_secs(30));
+    assert!(
+        !vm.vsock_uds.exists(),
+        "husk-vmm left its vsock socket behind"
+    );
+}

@@ -1,0 +1,366 @@
+//! Command line of `husk-vmm` and its validation into a [`VmConfig`].
+//!
+//! clap parses the syntax (exit status 2 on usage errors); [`CliArgs::validate`] checks the
+//! semantics that clap cannot (files readable, ELF magic, sizes in range, socket path free) so the
+//! VMM fails before it creates a VM, with one clear message.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+/// Smallest guest memory we accept: a 6.1 kernel plus initramfs does not fit in less.
+pub const MIN_MEM_SIZE_MIB: u64 = 32;
+/// Largest guest memory we accept (256 GiB).
+pub const MAX_MEM_SIZE_MIB: u64 = 256 * 1024;
+/// Most vCPUs a VM may have (the MP table and our APIC id scheme are sized for this).
+pub const MAX_VCPUS: u8 = 32;
+/// Guest CID used when `--vsock-cid` is not given (docs/contracts.md).
+pub const DEFAULT_GUEST_CID: u32 = 3;
+/// Longest `--cmdline-extra` we accept; the whole command line must fit its guest page.
+pub const MAX_CMDLINE_EXTRA_LEN: usize = 2048;
+
+/// Where the guest serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    /// The VMM's standard output.
+    Stdout,
+    /// Append to this file (created if missing).
+    File(PathBuf),
+    /// Discard (still scanned for kernel panics).
+    Off,
+}
+
+impl std::str::FromStr for ConsoleTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" => Err("console target must not be empty".to_string()),
+            "stdout" | "-" => Ok(Self::Stdout),
+            "off" | "none" => Ok(Self::Off),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// Command line arguments of `husk-vmm`.
+#[derive(Debug, Parser)]
+#[command(name = "husk-vmm", version, about = "husk's KVM micro-VM monitor")]
+pub struct CliArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry point.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk (cpio newc), handed to the kernel as a PVH module.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Guest memory size in MiB.
+    #[arg(long = "mem-mib", value_name = "N", default_value_t = 256)]
+    pub mem_size_mib: u64,
+    /// Number of vCPUs (1..=32).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u8,
+    /// Host path of the hybrid vsock Unix socket.
+    #[arg(long = "vsock-uds", value_name = "PATH")]
+    pub vsock_uds: PathBuf,
+    /// Guest vsock context id.
+    #[arg(long = "vsock-cid", value_name = "N", default_value_t = DEFAULT_GUEST_CID)]
+    pub vsock_cid: u32,
+    /// Serial console destination: `stdout`, `off` or a file path.
+    #[arg(long, value_name = "FILE|stdout|off", default_value = "stdout")]
+    pub console: ConsoleTarget,
+    /// Extra text appended to the guest kernel command line.
+    #[arg(long = "cmdline-extra", value_name = "STR")]
+    pub cmdline_extra: Option<String>,
+}
+
+/// Validated configuration of one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest kernel (ELF).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Guest memory size in MiB.
+    pub mem_size_mib: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Hybrid vsock socket path.
+    pub vsock_uds: PathBuf,
+    /// Guest CID.
+    pub vsock_cid: u32,
+    /// Console destination.
+    pub console: ConsoleTarget,
+    /// Extra kernel command line.
+    pub cmdline_extra: Option<String>,
+}
+
+/// A semantically invalid command line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot open the kernel image
+    #[error("Cannot open kernel {path}")]
+    KernelUnreadable {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel is not an ELF file
+    #[error("Kernel {0} is not an ELF vmlinux (bzImage is not supported; use the uncompressed vmlinux)")]
+    KernelNotElf(PathBuf),
+    /// Cannot open the initrd
+    #[error("Cannot open initrd {path}")]
+    InitrdUnreadable {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Memory size out of range
+    #[error("Memory size {0} MiB is out of range ({MIN_MEM_SIZE_MIB}..={MAX_MEM_SIZE_MIB} MiB)")]
+    MemSize(u64),
+    /// vCPU count out of range
+    #[error("vCPU count {0} is out of range (1..={MAX_VCPUS})")]
+    Vcpus(u8),
+    /// Reserved or invalid CID
+    #[error("Guest CID {0} is reserved or invalid (must be 3..=0xfffffffe)")]
+    Cid(u32),
+    /// Socket path taken by something that is not a stale socket
+    #[error("Vsock socket path {0} exists and is not a socket")]
+    UdsPathTaken(PathBuf),
+    /// Socket path in use by a live listener
+    #[error("Vsock socket path {0} is in use by a running process")]
+    UdsInUse(PathBuf),
+    /// Socket path too long for sockaddr_un
+    #[error("Vsock socket path {0} is too long for a Unix socket")]
+    UdsTooLong(PathBuf),
+    /// Extra command line invalid
+    #[error("--cmdline-extra is longer than {MAX_CMDLINE_EXTRA_LEN} bytes or contains a NUL or newline")]
+    CmdlineExtra,
+}
+
+/// ELF magic, `\x7fELF` (elf.h `ELFMAG`).
+const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+/// Longest `sun_path` (sys/un.h, 108 bytes including the NUL).
+const SUN_PATH_MAX: usize = 107;
+
+impl CliArgs {
+    /// Checks everything that can be checked before a VM exists.
+    pub fn validate(self) -> Result<VmConfig, ConfigError> {
+        check_kernel(&self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            File::open(initrd).map_err(|source| ConfigError::InitrdUnreadable {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+        if !(MIN_MEM_SIZE_MIB..=MAX_MEM_SIZE_MIB).contains(&self.mem_size_mib) {
+            return Err(ConfigError::MemSize(self.mem_size_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.vsock_cid < 3 || self.vsock_cid == u32::MAX {
+            return Err(ConfigError::Cid(self.vsock_cid));
+        }
+        check_uds_path(&self.vsock_uds)?;
+        if let Some(extra) = &self.cmdline_extra {
+            if extra.len() > MAX_CMDLINE_EXTRA_LEN || extra.contains(['\0', '\n']) {
+                return Err(ConfigError::CmdlineExtra);
+            }
+        }
+        Ok(VmConfig {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            mem_size_mib: self.mem_size_mib,
+            vcpus: self.vcpus,
+            vsock_uds: self.vsock_uds,
+            vsock_cid: self.vsock_cid,
+            console: self.console,
+            cmdline_extra: self.cmdline_extra,
+        })
+    }
+}
+
+fn check_kernel(path: &Path) -> Result<(), ConfigError> {
+    let unreadable = |source| ConfigError::KernelUnreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(unreadable)?;
+    let mut magic = [0u8; 4];
+    match file.read_exact(&mut magic) {
+        Ok(()) if magic == ELF_MAGIC => Ok(()),
+        Ok(()) => Err(ConfigError::KernelNotElf(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(ConfigError::KernelNotElf(path.to_path_buf()))
+        }
+        Err(e) => Err(unreadable(e)),
+    }
+}
+
+/// The socket path must be free, or a stale socket left by a dead VMM (which we may replace).
+fn check_uds_path(path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().len() > SUN_PATH_MAX {
+        return Err(ConfigError::UdsTooLong(path.to_path_buf()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                Err(ConfigError::UdsInUse(path.to_path_buf()))
+            } else {
+                Ok(())
+            }
+        }
+        Ok(_) => Err(ConfigError::UdsPathTaken(path.to_path_buf())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn elf_file() -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"\x7fELF\x02\x01\x01").unwrap();
+        f
+    }
+
+    fn parse(args: &[&str]) -> Result<CliArgs, clap::Error> {
+        CliArgs::try_parse_from(std::iter::once("husk-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn missing_required_args_are_usage_errors() {
+        let err = parse(&["--mem-mib", "128"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn non_numeric_values_are_usage_errors() {
+        let err = parse(&["--kernel", "k", "--vsock-uds", "u", "--vcpus", "two"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        let err = parse(&["--kernel", "k", "--vsock-uds", "u", "--vcpus", "300"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn help_and_version_are_recognised() {
+        assert_eq!(
+            parse(&["--help"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayHelp
+        );
+        assert_eq!(
+            parse(&["--version"]).unwrap_err().kind(),
+            clap::error::ErrorKind::DisplayVersion
+        );
+    }
+
+    #[test]
+    fn console_targets_parse() {
+        assert_eq!("stdout".parse::<ConsoleTarget>(), Ok(ConsoleTarget::Stdout));
+        assert_eq!("off".parse::<ConsoleTarget>(), Ok(ConsoleTarget::Off));
+        assert_eq!(
+            "/tmp/c.log".parse::<ConsoleTarget>(),
+            Ok(ConsoleTarget::File("/tmp/c.log".into()))
+        );
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        let k = elf_file();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let args = parse(&[
+            "--kernel",
+            k.path().to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "128",
+        ])
+        .unwrap();
+        let cfg = args.validate().unwrap();
+        assert_eq!(cfg.vcpus, 2);
+        assert_eq!(cfg.vsock_cid, DEFAULT_GUEST_CID);
+        assert_eq!(cfg.console, ConsoleTarget::Stdout);
+    }
+
+    fn validate_with(extra: &[&str], kernel: &Path, uds: &Path) -> Result<VmConfig, ConfigError> {
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        parse(&args).unwrap().validate()
+    }
+
+    #[test]
+    fn semantic_errors_are_reported() {
+        let k = elf_file();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let e = validate_with(&["--vcpus", "0"], k.path(), &uds).unwrap_err();
+        assert!(matches!(e, ConfigError::Vcpus(0)));
+        let e = validate_with(&["--vcpus", "33"], k.path(), &uds).unwrap_err();
+        assert!(matches!(e, ConfigError::Vcpus(33)));
+        let e = validate_with(&["--mem-mib", "8"], k.path(), &uds).unwrap_err();
+        assert!(matches!(e, ConfigError::MemSize(8)));
+        let e = validate_with(&["--mem-mib", "999999999"], k.path(), &uds).unwrap_err();
+        assert!(matches!(e, ConfigError::MemSize(_)));
+        let e = validate_with(&["--vsock-cid", "2"], k.path(), &uds).unwrap_err();
+        assert!(matches!(e, ConfigError::Cid(2)));
+        let e = validate_with(&[], &dir.path().join("missing"), &uds).unwrap_err();
+        assert!(matches!(e, ConfigError::KernelUnreadable { .. }));
+        assert!(e.to_string().starts_with("Cannot open kernel"));
+        let missing_initrd = dir.path().join("nope.cpio");
+        let e = validate_with(
+            &["--initrd", missing_initrd.to_str().unwrap()],
+            k.path(),
+            &uds,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::InitrdUnreadable { .. }));
+    }
+
+    #[test]
+    fn non_elf_kernel_is_rejected() {
+        let mut bz = tempfile::NamedTempFile::new().unwrap();
+        bz.write_all(b"MZ\x00\x00 not an elf").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let e = validate_with(&[], bz.path(), &dir.path().join("v.sock")).unwrap_err();
+        assert!(matches!(e, ConfigError::KernelNotElf(_)));
+    }
+
+    #[test]
+    fn uds_path_rules() {
+        let k = elf_file();
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file in the way.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = validate_with(&[], k.path(), &file).unwrap_err();
+        assert!(matches!(e, ConfigError::UdsPathTaken(_)));
+        // A live listener.
+        let live = dir.path().join("live.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let e = validate_with(&[], k.path(), &live).unwrap_err();
+        assert!(matches!(e, ConfigError::UdsInUse(_)));
+        // A stale socket is fine.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        validate_with(&[], k.path(), &stale).unwrap();
+    }
+}

@@ -1,0 +1,67 @@
+#!/bin/sh
+# PID 1 of the husk lab's L1 Linux (packed by xtask/src/lab/image.rs; busybox applets).
+# Loads the KVM and 9p modules, checks /dev/kvm, chroots into the host root shared
+# read-only over virtio-9p and runs the job the host wrote into the `huskjob` share.
+# It talks to the host only through marker lines `HUSK-LAB-<EVENT> <nonce> ...`.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+NONCE=unknown
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in husk_lab.nonce=*) NONCE="${arg#husk_lab.nonce=}" ;; esac
+done
+
+die() {
+    echo "HUSK-LAB-FAIL $NONCE $*"
+    dmesg | tail -n 40
+    sync
+    reboot -f
+    sleep 60
+}
+
+for ko in $(cat /lib/modules/load-order); do
+    insmod "/lib/modules/$ko" || die "insmod $ko failed"
+done
+[ -c /dev/kvm ] || die "no /dev/kvm after loading kvm_amd"
+dmesg | grep -q "Nested Paging enabled" || die "kvm_amd loaded without nested paging"
+echo "HUSK-LAB-KVM $NONCE"
+# From here the console belongs to the command: keep kernel messages off it.
+echo 1 > /proc/sys/kernel/printk
+
+P9="trans=virtio,version=9p2000.L,msize=512000"
+mkdir -p /job /newroot
+mount -t 9p -o "$P9" huskjob /job || die "cannot mount the job share"
+. /job/config.sh
+mount -t 9p -o "$P9,ro,cache=loose" hostroot /newroot || die "cannot mount the host root"
+mount -t proc proc /newroot/proc
+mount -t sysfs sysfs /newroot/sys
+mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup 2>/dev/null
+mount -t devtmpfs devtmpfs /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
+mount -t tmpfs tmpfs /newroot/dev/shm
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+mount -t tmpfs -o mode=755 tmpfs /newroot/run
+mkdir -p /newroot/run/husk-lab
+mount --bind /job /newroot/run/husk-lab
+set -- $RW_SHARES
+while [ $# -ge 2 ]; do
+    mount -t 9p -o "$P9,cache=mmap" "$1" "/newroot$2" || die "cannot mount share $1 at $2"
+    shift 2
+done
+ip link set lo up 2>/dev/null
+
+echo "HUSK-LAB-START $NONCE"
+chroot /newroot /bin/sh /run/husk-lab/run.sh </dev/null
+rc=$?
+sync
+echo "HUSK-LAB-EXIT $NONCE $rc"
+set -- $RW_SHARES
+while [ $# -ge 2 ]; do
+    umount "/newroot$2" 2>/dev/null
+    shift 2
+done
+reboot -f
+sleep 60

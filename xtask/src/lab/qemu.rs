@@ -1,0 +1,256 @@
+//! Launches the lab's QEMU and follows its console until the command's exit marker.
+//!
+//! QEMU runs TCG with `-cpu max`, which emulates AMD SVM with nested paging, so the L1
+//! kernel's kvm_amd gives a `/dev/kvm` that boots Linux guests (the host's own /dev/kvm
+//! is PVM and does not; DESIGN.md "Host facts"). The host root is shared read-only over
+//! virtio-9p, the job directory and the read-write shares (cargo target dir, husk cache)
+//! at their own paths. A watchdog kills QEMU when the boot or the whole run overruns.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use super::console::{classify, Line, LineSplitter, Marker};
+use super::image::LabKernel;
+
+/// The QEMU binary (Debian's qemu-system-x86).
+const QEMU: &str = "qemu-system-x86_64";
+/// 9p mount tags the lab init knows.
+pub const ROOT_TAG: &str = "hostroot";
+pub const JOB_TAG: &str = "huskjob";
+/// How long the L1 may take to power off after the command's exit marker.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Everything one QEMU launch needs.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub kernel: &'a LabKernel,
+    pub initramfs: &'a Path,
+    pub job_dir: &'a Path,
+    /// Read-write shares: (mount tag, host path = guest path).
+    pub rw_shares: &'a [(String, PathBuf)],
+    pub nonce: &'a str,
+    pub smp: u32,
+    pub mem_mib: u32,
+}
+
+/// Where the command's output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Each line to our stdout as it arrives.
+    Stream,
+    /// Collected and returned.
+    Capture,
+}
+
+/// How one launch ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The command ran and exited with this status.
+    Exited { code: i32, kvm_ready: Duration, output: String },
+    /// The lab init reported a failure before the command ran (never retried).
+    InitFailed { reason: String, console: Vec<String> },
+    /// The L1 died or hung before the command started (may be retried).
+    BootLost { why: String, console: Vec<String> },
+    /// The L1 died or the run timed out while the command ran (never retried).
+    RunLost { why: String },
+}
+
+/// QEMU's command line for `launch` (without the program name).
+pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "-M", "microvm,rtc=on", "-accel", "tcg,thread=multi", "-cpu", "max",
+        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.extend(["-smp".into(), launch.smp.to_string().into()]);
+    args.extend(["-m".into(), launch.mem_mib.to_string().into()]);
+    args.extend(["-kernel".into(), launch.kernel.image.clone().into_os_string()]);
+    args.extend(["-initrd".into(), launch.initramfs.as_os_str().to_owned()]);
+    // quiet: every console byte is slow under emulation; mitigations=off: page-table
+    // isolation and retpolines only slow TCG down; reboot=t + -no-reboot: the lab's
+    // `reboot -f` (and a panic, via panic=-1) ends QEMU.
+    let cmdline = format!(
+        "console=ttyS0 quiet mitigations=off reboot=t panic=-1 husk_lab.nonce={}",
+        launch.nonce
+    );
+    args.extend(["-append".into(), cmdline.into()]);
+    let mut share = |id: &str, path: &Path, tag: &str, readonly: bool| {
+        let ro = if readonly { ",readonly=on" } else { "" };
+        let mut fsdev = OsString::from(format!("local,id={id},security_model=none{ro},path="));
+        fsdev.push(escape_qemu_opt(path));
+        args.extend(["-fsdev".into(), fsdev]);
+        args.extend(["-device".into(), format!("virtio-9p-device,fsdev={id},mount_tag={tag}").into()]);
+    };
+    share("root", Path::new("/"), ROOT_TAG, true);
+    share("job", launch.job_dir, JOB_TAG, false);
+    for (i, (tag, path)) in launch.rw_shares.iter().enumerate() {
+        share(&format!("rw{i}"), path, tag, false);
+    }
+    args
+}
+
+/// QEMU option values escape a comma by doubling it.
+fn escape_qemu_opt(path: &Path) -> OsString {
+    OsString::from(path.to_string_lossy().replace(',', ",,"))
+}
+
+fn spawn(launch: &Launch<'_>) -> Result<Child> {
+    let mut cmd = Command::new(QEMU);
+    cmd.args(qemu_args(launch))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl,
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            // QEMU dies with xtask, so a killed test run leaves no emulator behind.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("Cannot start {QEMU} (install qemu-system-x86)"))
+}
+
+/// Boots the lab once and follows it until the command's exit, a failure or a timeout.
+pub fn launch_once(
+    launch: &Launch<'_>,
+    output: Output,
+    boot_timeout: Duration,
+    run_timeout: Duration,
+) -> Result<Ended> {
+    let started = Instant::now();
+    let mut child = spawn(launch)?;
+    let mut stdout = child.stdout.take().context("QEMU stdout not piped")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut splitter = LineSplitter::default();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for line in splitter.push(&buf[..n]) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some(rest) = splitter.finish() {
+            let _ = tx.send(rest);
+        }
+    });
+
+    let mut console = Vec::new(); // L1 boot output, shown only when the boot fails
+    let mut captured = String::new();
+    let mut kvm_ready = None;
+    let mut command_started = None;
+    let mut exit_code = None;
+    let mut exit_seen = None;
+    let ended = loop {
+        let deadline = match (exit_seen, command_started) {
+            (Some(t), _) => t + TEARDOWN_TIMEOUT,
+            (None, None) => started + boot_timeout,
+            (None, Some(t)) => t + run_timeout,
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let raw = match rx.recv_timeout(wait) {
+            Ok(raw) => raw,
+            Err(RecvTimeoutError::Disconnected) => break None,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                if exit_code.is_some() {
+                    break None; // the lab did not power off by itself; the run is complete
+                }
+                break Some(match command_started {
+                    None => Ended::BootLost {
+                        why: format!("no command start within {boot_timeout:?} of launch"),
+                        console: std::mem::take(&mut console),
+                    },
+                    Some(_) => Ended::RunLost {
+                        why: format!("the command did not finish within {run_timeout:?}"),
+                    },
+                });
+            }
+        };
+        if exit_code.is_some() {
+            continue; // lab teardown chatter after the exit marker
+        }
+        match classify(&raw, launch.nonce) {
+            Line::Marker(Marker::KvmReady) => {
+                let t = started.elapsed();
+                kvm_ready = Some(t);
+                info!(
+                    "lab: using an L1 Linux {} under QEMU TCG (nested SVM); /dev/kvm after {:.1} s",
+                    launch.kernel.release,
+                    t.as_secs_f64()
+                );
+            }
+            Line::Marker(Marker::Start) => command_started = Some(Instant::now()),
+            Line::Marker(Marker::Exit(code)) => {
+                exit_code = Some(code);
+                exit_seen = Some(Instant::now());
+            }
+            Line::Marker(Marker::Fail(reason)) => {
+                let _ = child.kill();
+                break Some(Ended::InitFailed { reason, console: std::mem::take(&mut console) });
+            }
+            Line::Output(text) if command_started.is_none() => console.push(text),
+            Line::Output(text) => match output {
+                Output::Stream => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{text}");
+                    let _ = out.flush();
+                }
+                Output::Capture => {
+                    captured.push_str(&text);
+                    captured.push('\n');
+                }
+            },
+        }
+    };
+    let status = wait_briefly(&mut child);
+    let _ = reader.join();
+    if let Some(ended) = ended {
+        return Ok(ended);
+    }
+    Ok(match (exit_code, command_started) {
+        (Some(code), _) => Ended::Exited {
+            code,
+            kvm_ready: kvm_ready.unwrap_or_default(),
+            output: captured,
+        },
+        (None, None) => Ended::BootLost {
+            why: format!("QEMU ended ({status}) before the command started"),
+            console,
+        },
+        (None, Some(_)) => Ended::RunLost {
+            why: format!("QEMU ended ({status}) while the command ran, without an exit status"),
+        },
+    })
+}
+
+/// Waits for QEMU to exit after its console closed; kills it if it lingers.
+fn wait_briefly(child: &mut Child) -> String {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.to_string(),
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                return child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! `cargo xtask setup`: makes a fresh Debian bookworm machine able to build and test husk.
+//!
+//! Idempotent and cheap when nothing is missing, so every other command calls
+//! [`ensure`] first. Packages are only installed when `dpkg` says they are absent, and
+//! `apt-get update` only runs in that case; whatever gets installed is announced loudly.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+
+/// Debian packages the build, the lab and the tests need.
+pub const APT_PACKAGES: &[&str] = &[
+    // guest kernel build
+    "linux-source-6.1",
+    "build-essential",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+    "cpio",
+    "kmod",
+    "file",
+    // lab: an L1 Linux with KVM modules under QEMU TCG
+    "qemu-system-x86",
+    "linux-image-amd64",
+    "busybox-static",
+    // end-to-end tests and the baseline runtime
+    "containerd",
+    "runc",
+    "libseccomp-dev",
+    "libcap-ng-dev",
+];
+
+/// The Rust target the guest agent is built for.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Installs whatever is missing. Silent when everything is present.
+pub fn ensure() -> Result<()> {
+    let missing = missing_packages()?;
+    if !missing.is_empty() {
+        install_packages(&missing)?;
+    }
+    ensure_rust_target()
+}
+
+/// Runs [`ensure`] and says so: the `setup` subcommand.
+pub fn run() -> Result<()> {
+    ensure()?;
+    info!("setup: all {} apt packages and the {MUSL_TARGET} target are present", APT_PACKAGES.len());
+    Ok(())
+}
+
+fn missing_packages() -> Result<Vec<&'static str>> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
+        .args(APT_PACKAGES)
+        .output()
+        .context("Cannot run dpkg-query (is this a Debian machine?)")?;
+    // dpkg-query exits 1 when some package is unknown; the listing is still valid.
+    let listing = String::from_utf8_lossy(&out.stdout);
+    Ok(APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !listing.lines().any(|l| l == format!("{pkg} installed")))
+        .collect())
+}
+
+fn install_packages(missing: &[&str]) -> Result<()> {
+    warn!("setup: INSTALLING missing apt packages: {}", missing.join(" "));
+    let sudo = needs_sudo();
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        if sudo {
+            cmd.args(["-E", "apt-get"]);
+        }
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        let status = cmd.status().context("Cannot run apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed with {status}", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update"])?;
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend_from_slice(missing);
+    apt(&args)?;
+    warn!("setup: installed {}", missing.join(" "));
+    Ok(())
+}
+
+fn needs_sudo() -> bool {
+    !nix::unistd::geteuid().is_root()
+}
+
+fn ensure_rust_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(crate::cache::workspace_root())
+        .output()
+        .context("Cannot run rustup")?;
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == MUSL_TARGET) {
+        return Ok(());
+    }
+    warn!("setup: INSTALLING rust target {MUSL_TARGET}");
+    let status = Command::new("rustup")
+        .args(["target", "add", MUSL_TARGET])
+        .current_dir(crate::cache::workspace_root())
+        .status()
+        .context("Cannot run rustup")?;
+    if !status.success() {
+        bail!("rustup target add {MUSL_TARGET} failed with {status}");
+    }
+    Ok(())
+}

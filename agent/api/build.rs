@@ -4,7 +4,6 @@
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
-
 fn main() -> std::io::Result<()> {
     const PROTO: &str = "agent.proto";
     println!("cargo:rerun-if-changed={PROTO}");
@@ -35,10 +34,12 @@ fn main() -> std::io::Result<()> {
             "#[doc = {doc:?}]\n#[allow(missing_debug_implementations)]\n#[path = {path:?}]\npub mod {name};\n"
         )
     };
-    let wrapper = module("agent", "Protobuf messages of `agent.proto` (package `husk.agent.v1`).")
-        + &module(
-            "agent_ttrpc",
-            "Async ttrpc clients, service traits and `create_*` registration helpers.",
-        );
+    let wrapper = module(
+        "agent",
+        "Protobuf messages of `agent.proto` (package `husk.agent.v1`).",
+    ) + &module(
+        "agent_ttrpc",
+        "Async ttrpc clients, service traits and `create_*` registration helpers.",
+    );
     std::fs::write(out_dir.join("generated.rs"), wrapper)
 }

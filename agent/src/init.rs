@@ -34,8 +34,8 @@ pub enum InitError {
     /// Cannot redirect standard streams to the console
     #[error("Cannot redirect standard streams to the console")]
     Dup(#[source] nix::Error),
-    /// ioperm(2) on the status port failed
-    #[error("ioperm(2) on the status port failed")]
+    /// ioperm(2) on the status port failed (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)
+    #[error("ioperm(2) on the status port failed (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)")]
     Ioperm(#[source] std::io::Error),
 }
 

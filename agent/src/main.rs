@@ -21,7 +21,7 @@ use anyhow::{bail, Context as _};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 use tracing::level_filters::LevelFilter;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::init::{KernelCmdline, Status, StatusPort, TestFault};
 use crate::server::{AgentServer, ListenAddr};
@@ -31,15 +31,16 @@ const USAGE: &str = "usage: husk-agent [--listen vsock:PORT|unix:PATH]";
 const LOG_ENV: &str = "HUSK_AGENT_LOG";
 
 fn main() {
+    let started = std::time::Instant::now();
     let result = if init::is_pid1() {
-        run_as_init()
+        run_as_init(started)
     } else {
         run_as_process()
     };
     if let Err(e) = result {
-        // As PID 1 this exit panics the guest kernel: the host reports it as a guest panic.
-        error!("{e:#}");
-        eprintln!("husk-agent: {e:#}");
+        // Plain stderr (the console as PID 1): logging may not be set up yet. As PID 1 this
+        // exit panics the guest kernel, which the host reports as a guest panic.
+        eprintln!("husk-agent: error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -76,7 +77,7 @@ fn uptime_ms() -> Option<u64> {
     Some((secs * 1000.0) as u64)
 }
 
-fn run_as_init() -> anyhow::Result<()> {
+fn run_as_init(started: std::time::Instant) -> anyhow::Result<()> {
     // Order matters: /dev before the console, /proc before the command line.
     let mounted = mount::mount_base();
     let console = init::attach_console();
@@ -91,7 +92,11 @@ fn run_as_init() -> anyhow::Result<()> {
         let shutdown = Arc::new(Notify::new());
         let server = AgentServer::start(ListenAddr::default(), shutdown.clone()).await?;
         port.announce(Status::Ready);
-        info!(uptime_ms = uptime_ms(), "husk-agent ready");
+        info!(
+            uptime_ms = uptime_ms(),
+            agent_ms = started.elapsed().as_millis(),
+            "husk-agent ready"
+        );
         if cmdline.test_fault == Some(TestFault::ExitAfterReady) {
             warn!("test fault exit_after_ready: init exits");
             std::process::exit(1);

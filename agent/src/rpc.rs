@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use husk_agent_api::agent::{
-    CheckRequest, CheckResponse, GetGuestDetailsRequest, GetGuestDetailsResponse, GuestMemory,
-    ServingStatus, ShutdownRequest, ShutdownResponse, VersionRequest, VersionResponse,
+    CheckRequest, CheckResponse, GetGuestDetailsRequest, GetGuestDetailsResponse, ServingStatus,
+    ShutdownRequest, ShutdownResponse, VersionRequest, VersionResponse,
 };
 use husk_agent_api::API_REVISION;
 use tokio::sync::Notify;
@@ -45,11 +45,7 @@ pub struct HealthService;
 
 #[async_trait]
 impl husk_agent_api::Health for HealthService {
-    async fn check(
-        &self,
-        _ctx: &TtrpcContext,
-        req: CheckRequest,
-    ) -> ttrpc::Result<CheckResponse> {
+    async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> ttrpc::Result<CheckResponse> {
         debug!(service = %req.service, "health check");
         Ok(CheckResponse {
             status: ServingStatus::SERVING_STATUS_SERVING.into(),
@@ -94,12 +90,8 @@ impl husk_agent_api::Agent for AgentService {
         let mem = sysinfo::read_meminfo()?;
         Ok(GetGuestDetailsResponse {
             kernel_release: sysinfo::kernel_release()?,
-            memory: Some(GuestMemory {
-                total_bytes: mem.total_bytes,
-                available_bytes: mem.available_bytes,
-                ..Default::default()
-            })
-            .into(),
+            memory_total_bytes: mem.total_bytes,
+            memory_available_bytes: mem.available_bytes,
             online_cpus: sysinfo::read_online_cpus()?,
             agent_version: AGENT_VERSION.to_owned(),
             ..Default::default()

@@ -79,7 +79,10 @@ pub fn parse_cpu_list(text: &str) -> Result<u32, SysInfoError> {
         path: CPU_ONLINE_PATH,
         reason,
     };
-    let num = |s: &str| s.parse::<u32>().map_err(|_| bad(format!("bad CPU number {s:?}")));
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| bad(format!("bad CPU number {s:?}")))
+    };
     let mut count = 0u32;
     for range in text.trim().split(',').filter(|r| !r.is_empty()) {
         let (first, last) = match range.split_once('-') {

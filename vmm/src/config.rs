@@ -110,7 +110,9 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The kernel is not an ELF file
-    #[error("Kernel {0} is not an ELF vmlinux (bzImage is not supported; use the uncompressed vmlinux)")]
+    #[error(
+        "Kernel {0} is not an ELF vmlinux (bzImage is not supported; use the uncompressed vmlinux)"
+    )]
     KernelNotElf(PathBuf),
     /// Cannot open the initrd
     #[error("Cannot open initrd {path}")]
@@ -140,7 +142,9 @@ pub enum ConfigError {
     #[error("Vsock socket path {0} is too long for a Unix socket")]
     UdsTooLong(PathBuf),
     /// Extra command line invalid
-    #[error("--cmdline-extra is longer than {MAX_CMDLINE_EXTRA_LEN} bytes or contains a NUL or newline")]
+    #[error(
+        "--cmdline-extra is longer than {MAX_CMDLINE_EXTRA_LEN} bytes or contains a NUL or newline"
+    )]
     CmdlineExtra,
 }
 
@@ -148,6 +152,21 @@ pub enum ConfigError {
 const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
 /// Longest `sun_path` (sys/un.h, 108 bytes including the NUL).
 const SUN_PATH_MAX: usize = 107;
+
+impl ConfigError {
+    /// True for values out of range (a usage error, exit status 2); false for problems with the
+    /// files and paths named (a configuration error, exit status 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::MemSize(_)
+                | Self::Vcpus(_)
+                | Self::Cid(_)
+                | Self::CmdlineExtra
+                | Self::UdsTooLong(_)
+        )
+    }
+}
 
 impl CliArgs {
     /// Checks everything that can be checked before a VM exists.
@@ -314,6 +333,7 @@ mod tests {
         let uds = dir.path().join("v.sock");
         let e = validate_with(&["--vcpus", "0"], k.path(), &uds).unwrap_err();
         assert!(matches!(e, ConfigError::Vcpus(0)));
+        assert!(e.is_usage());
         let e = validate_with(&["--vcpus", "33"], k.path(), &uds).unwrap_err();
         assert!(matches!(e, ConfigError::Vcpus(33)));
         let e = validate_with(&["--mem-mib", "8"], k.path(), &uds).unwrap_err();
@@ -324,6 +344,7 @@ mod tests {
         assert!(matches!(e, ConfigError::Cid(2)));
         let e = validate_with(&[], &dir.path().join("missing"), &uds).unwrap_err();
         assert!(matches!(e, ConfigError::KernelUnreadable { .. }));
+        assert!(!e.is_usage());
         assert!(e.to_string().starts_with("Cannot open kernel"));
         let missing_initrd = dir.path().join("nope.cpio");
         let e = validate_with(

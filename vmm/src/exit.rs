@@ -126,7 +126,12 @@ mod tests {
     fn reset_without_agent_protocol_is_clean() {
         assert_eq!(classify(&RESET, false, false, false), ExitStatus::Clean);
         assert_eq!(
-            classify(&ExitEvent::GuestReset(ResetKind::I8042), false, false, false),
+            classify(
+                &ExitEvent::GuestReset(ResetKind::I8042),
+                false,
+                false,
+                false
+            ),
             ExitStatus::Clean
         );
     }

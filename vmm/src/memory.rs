@@ -74,7 +74,10 @@ mod tests {
         let (mem, _f) = create_guest_memory(64).unwrap();
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
     }
 
     #[test]

@@ -111,9 +111,11 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(data)?;
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("Cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("Cannot write {}", path.display()))?;
     Ok(())
 }
 

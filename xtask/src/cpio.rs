@@ -25,34 +25,75 @@ const S_IFCHR: u32 = 0o020_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// A directory.
-    Dir { path: String, mode: u32 },
+    Dir {
+        /// Path in the archive.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
     /// A regular file with its content.
-    File { path: String, mode: u32, data: Vec<u8> },
-    /// A symbolic link pointing at `target`.
-    Symlink { path: String, target: String },
+    File {
+        /// Path in the archive.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// The content.
+        data: Vec<u8>,
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Path in the archive.
+        path: String,
+        /// Where the link points.
+        target: String,
+    },
     /// A character device node.
-    CharDev { path: String, mode: u32, major: u32, minor: u32 },
+    CharDev {
+        /// Path in the archive.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Device major number.
+        major: u32,
+        /// Device minor number.
+        minor: u32,
+    },
 }
 
 impl Entry {
     /// A directory entry.
     pub fn dir(path: &str, mode: u32) -> Self {
-        Entry::Dir { path: path.into(), mode }
+        Entry::Dir {
+            path: path.into(),
+            mode,
+        }
     }
 
     /// A regular file entry.
     pub fn file(path: &str, mode: u32, data: Vec<u8>) -> Self {
-        Entry::File { path: path.into(), mode, data }
+        Entry::File {
+            path: path.into(),
+            mode,
+            data,
+        }
     }
 
     /// A symbolic link entry.
     pub fn symlink(path: &str, target: &str) -> Self {
-        Entry::Symlink { path: path.into(), target: target.into() }
+        Entry::Symlink {
+            path: path.into(),
+            target: target.into(),
+        }
     }
 
     /// A character device entry.
     pub fn char_dev(path: &str, mode: u32, major: u32, minor: u32) -> Self {
-        Entry::CharDev { path: path.into(), mode, major, minor }
+        Entry::CharDev {
+            path: path.into(),
+            mode,
+            major,
+            minor,
+        }
     }
 
     fn path(&self) -> &str {
@@ -70,7 +111,10 @@ impl Entry {
 /// Paths are stored relative (a leading `/` is dropped), which is what the kernel and
 /// `cpio -i` expect. Parent directories must come before their children.
 pub fn write_archive<W: Write>(out: &mut W, entries: &[Entry]) -> io::Result<()> {
-    let mut w = PaddedWriter { inner: out, written: 0 };
+    let mut w = PaddedWriter {
+        inner: out,
+        written: 0,
+    };
     for (index, entry) in entries.iter().enumerate() {
         // Inode 0 is avoided: some unpackers treat it as "no inode".
         let ino = u32::try_from(index + 1).map_err(|_| invalid("too many entries"))?;
@@ -82,9 +126,9 @@ pub fn write_archive<W: Write>(out: &mut W, entries: &[Entry]) -> io::Result<()>
             Entry::Dir { mode, .. } => (S_IFDIR | (mode & 0o7777), 2, &[], (0, 0)),
             Entry::File { mode, data, .. } => (S_IFREG | (mode & 0o7777), 1, data, (0, 0)),
             Entry::Symlink { target, .. } => (S_IFLNK | 0o777, 1, target.as_bytes(), (0, 0)),
-            Entry::CharDev { mode, major, minor, .. } => {
-                (S_IFCHR | (mode & 0o7777), 1, &[], (*major, *minor))
-            }
+            Entry::CharDev {
+                mode, major, minor, ..
+            } => (S_IFCHR | (mode & 0o7777), 1, &[], (*major, *minor)),
         };
         write_member(&mut w, ino, mode, nlink, rdev, name, data)?;
     }
@@ -112,7 +156,9 @@ fn write_member<W: Write>(
     let name_size = u32::try_from(name.len() + 1).map_err(|_| invalid("cpio name too long"))?;
     // Fields in order: ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
     // rdevmajor, rdevminor, namesize, check.
-    let fields = [ino, mode, 0, 0, nlink, 0, file_size, 0, 0, rdev_major, rdev_minor, name_size, 0];
+    let fields = [
+        ino, mode, 0, 0, nlink, 0, file_size, 0, 0, rdev_major, rdev_minor, name_size, 0,
+    ];
     w.write_all(MAGIC_NEWC)?;
     for field in fields {
         write!(w, "{field:08x}")?;
@@ -183,7 +229,9 @@ mod tests {
             };
             let (mode, size, rdev_minor, name_size) = (field(1), field(6), field(10), field(11));
             let name_end = 110 + name_size as usize;
-            let name = std::str::from_utf8(&buf[110..name_end - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&buf[110..name_end - 1])
+                .unwrap()
+                .to_string();
             let data_start = name_end.next_multiple_of(ALIGN);
             let data = buf[data_start..data_start + size as usize].to_vec();
             let next = (data_start + size as usize).next_multiple_of(ALIGN);
@@ -213,7 +261,10 @@ mod tests {
 
     #[test]
     fn output_is_deterministic() {
-        assert_eq!(archive_bytes(&sample()).unwrap(), archive_bytes(&sample()).unwrap());
+        assert_eq!(
+            archive_bytes(&sample()).unwrap(),
+            archive_bytes(&sample()).unwrap()
+        );
     }
 
     #[test]
@@ -241,10 +292,19 @@ mod tests {
         let listing = String::from_utf8(out.stdout).unwrap();
         let lines: Vec<_> = listing.lines().collect();
         assert_eq!(lines.len(), 5, "{listing}");
-        assert!(lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" dev"), "{listing}");
-        assert!(lines[1].starts_with("crw-------") && lines[1].contains("5,"), "{listing}");
+        assert!(
+            lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" dev"),
+            "{listing}"
+        );
+        assert!(
+            lines[1].starts_with("crw-------") && lines[1].contains("5,"),
+            "{listing}"
+        );
         assert!(lines[2].starts_with("drwxrwxrwt"), "{listing}");
-        assert!(lines[3].starts_with("-rwxr-xr-x") && lines[3].ends_with(" init"), "{listing}");
+        assert!(
+            lines[3].starts_with("-rwxr-xr-x") && lines[3].ends_with(" init"),
+            "{listing}"
+        );
         assert!(lines[4].starts_with("lrwxrwxrwx") && lines[4].ends_with("bin -> usr/bin"));
     }
 }

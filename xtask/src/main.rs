@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask`: husk's build and test orchestration (see DESIGN.md).
+//!
+//! A thin dispatcher: each subcommand lives in its own module of the `xtask` library,
+//! with its own `Args` and `run`.
+
+use std::io::IsTerminal;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use xtask::{guest, lab, setup};
+
+/// husk's build, lab, test and benchmark orchestration.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install missing apt packages and the musl Rust target (idempotent).
+    Setup,
+    /// Build the guest kernel and initramfs; prints `vmlinux=` and `initramfs=` lines.
+    Guest(guest::Args),
+    /// Run a command in the lab: an L1 Linux under QEMU TCG with a working /dev/kvm.
+    Lab(lab::Args),
+    /// Probe whether this host's /dev/kvm boots the guest: prints `direct` or `lab`.
+    KvmMode(lab::kvm_mode_cmd::Args),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XTASK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Guest(args) => guest::run(&args),
+        Cmd::Lab(args) => {
+            let code = lab::run_command(&args)?;
+            std::process::exit(code);
+        }
+        Cmd::KvmMode(args) => lab::kvm_mode_cmd::run_command(&args),
+    }
+}

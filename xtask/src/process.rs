@@ -17,7 +17,11 @@ pub fn output_text(cmd: &mut Command) -> Result<String> {
         .output()
         .with_context(|| format!("Cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -40,7 +44,10 @@ pub fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(FAILURE_TAIL_LINES)..].join("\n");
-        bail!("{cmd:?} failed with {status}; last lines of {}:\n{tail}", log.display());
+        bail!(
+            "{cmd:?} failed with {status}; last lines of {}:\n{tail}",
+            log.display()
+        );
     }
     Ok(())
 }

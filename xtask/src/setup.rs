@@ -49,7 +49,10 @@ pub fn ensure() -> Result<()> {
 /// Runs [`ensure`] and says so: the `setup` subcommand.
 pub fn run() -> Result<()> {
     ensure()?;
-    info!("setup: all {} apt packages and the {MUSL_TARGET} target are present", APT_PACKAGES.len());
+    info!(
+        "setup: all {} apt packages and the {MUSL_TARGET} target are present",
+        APT_PACKAGES.len()
+    );
     Ok(())
 }
 
@@ -69,10 +72,17 @@ fn missing_packages() -> Result<Vec<&'static str>> {
 }
 
 fn install_packages(missing: &[&str]) -> Result<()> {
-    warn!("setup: INSTALLING missing apt packages: {}", missing.join(" "));
+    warn!(
+        "setup: INSTALLING missing apt packages: {}",
+        missing.join(" ")
+    );
     let sudo = needs_sudo();
     let apt = |args: &[&str]| -> Result<()> {
-        let mut cmd = if sudo { Command::new("sudo") } else { Command::new("apt-get") };
+        let mut cmd = if sudo {
+            Command::new("sudo")
+        } else {
+            Command::new("apt-get")
+        };
         if sudo {
             cmd.args(["-E", "apt-get"]);
         }
@@ -101,7 +111,10 @@ fn ensure_rust_target() -> Result<()> {
         .current_dir(crate::cache::workspace_root())
         .output()
         .context("Cannot run rustup")?;
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == MUSL_TARGET) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL_TARGET)
+    {
         return Ok(());
     }
     warn!("setup: INSTALLING rust target {MUSL_TARGET}");

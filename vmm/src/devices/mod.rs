@@ -78,7 +78,10 @@ impl Bus {
     }
 
     fn find(&self, addr: u64, size: usize) -> Option<(&BusEntry, u64)> {
-        let idx = self.entries.partition_point(|e| e.base <= addr).checked_sub(1)?;
+        let idx = self
+            .entries
+            .partition_point(|e| e.base <= addr)
+            .checked_sub(1)?;
         let entry = &self.entries[idx];
         let offset = addr - entry.base;
         (offset.checked_add(size as u64)? <= entry.len).then_some((entry, offset))
@@ -140,7 +143,10 @@ mod tests {
         assert!(!bus.read(0x18, &mut b));
         assert!(!bus.read(0x0, &mut b));
         let mut w = [0u8; 4];
-        assert!(!bus.read(0x26, &mut w), "access crossing the end is rejected");
+        assert!(
+            !bus.read(0x26, &mut w),
+            "access crossing the end is rejected"
+        );
         assert!(bus.write(0x20, &[9]));
         assert!(bus.read(0x20, &mut b));
         assert_eq!(b[0], 9);

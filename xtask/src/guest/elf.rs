@@ -38,7 +38,10 @@ fn u64_at(b: &[u8], off: usize) -> Result<u64> {
 /// The program headers of a 64-bit little-endian ELF image as `(p_type, file bytes)`.
 fn segments(elf: &[u8]) -> Result<Vec<(u32, &[u8])>> {
     ensure!(elf.len() >= 64 && &elf[..4] == ELF_MAGIC, "Not an ELF file");
-    ensure!(elf[4] == ELFCLASS64 && elf[5] == ELFDATA2LSB, "Not a 64-bit little-endian ELF");
+    ensure!(
+        elf[4] == ELFCLASS64 && elf[5] == ELFDATA2LSB,
+        "Not a 64-bit little-endian ELF"
+    );
     let phoff = usize::try_from(u64_at(elf, 0x20)?)?;
     let phentsize = usize::from(u16_at(elf, 0x36)?);
     let phnum = usize::from(u16_at(elf, 0x38)?);
@@ -47,7 +50,9 @@ fn segments(elf: &[u8]) -> Result<Vec<(u32, &[u8])>> {
             let ph = phoff + i * phentsize;
             let start = usize::try_from(u64_at(elf, ph + 8)?)?;
             let size = usize::try_from(u64_at(elf, ph + 32)?)?;
-            let bytes = elf.get(start..start + size).context("Segment outside the file")?;
+            let bytes = elf
+                .get(start..start + size)
+                .context("Segment outside the file")?;
             Ok((u32_at(elf, ph)?, bytes))
         })
         .collect()
@@ -128,7 +133,11 @@ mod tests {
     fn finds_entry_after_other_notes() {
         let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4, 5]);
         notes.extend(note(b"Xen\0", 5, b"xen-3.0\0"));
-        notes.extend(note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &0x0100_0abcu32.to_le_bytes()));
+        notes.extend(note(
+            b"Xen\0",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x0100_0abcu32.to_le_bytes(),
+        ));
         assert_eq!(pvh_entry(&elf_with_notes(&notes)).unwrap(), 0x0100_0abc);
     }
 

@@ -28,7 +28,14 @@ pub fn build_agent() -> Result<PathBuf> {
     info!("guest: building husk-agent for {MUSL_TARGET}");
     let status = Command::new(cargo)
         .current_dir(cache::workspace_root())
-        .args(["build", "-p", "husk-agent", "--release", "--target", MUSL_TARGET])
+        .args([
+            "build",
+            "-p",
+            "husk-agent",
+            "--release",
+            "--target",
+            MUSL_TARGET,
+        ])
         .status()
         .context("Cannot run cargo")?;
     if !status.success() {
@@ -37,7 +44,10 @@ pub fn build_agent() -> Result<PathBuf> {
              (`cargo build -p husk-agent --release --target {MUSL_TARGET}`)"
         );
     }
-    Ok(cache::target_dir().join(MUSL_TARGET).join("release").join("husk-agent"))
+    Ok(cache::target_dir()
+        .join(MUSL_TARGET)
+        .join("release")
+        .join("husk-agent"))
 }
 
 /// The archive entries of a guest image whose `/init` is `init`.
@@ -60,11 +70,17 @@ pub fn pack(init_path: &Path) -> Result<PathBuf> {
     if !super::elf::is_static(&init)
         .with_context(|| format!("{} is not a usable /init", init_path.display()))?
     {
-        bail!("{} is dynamically linked; /init must be static", init_path.display());
+        bail!(
+            "{} is dynamically linked; /init must be static",
+            init_path.display()
+        );
     }
     let mut key = CacheKey::new(RECIPE);
     key.add("init", &init);
-    let out = cache::cache_dir()?.join("initramfs").join(key.short()).join("initramfs.cpio");
+    let out = cache::cache_dir()?
+        .join("initramfs")
+        .join(key.short())
+        .join("initramfs.cpio");
     if !out.is_file() {
         let bytes = cpio::archive_bytes(&entries(init))?;
         cache::write_atomically(&out, &bytes, 0o644)?;

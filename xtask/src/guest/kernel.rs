@@ -32,7 +32,9 @@ const RECIPE: &str = "guest-kernel-v1";
 
 /// The config fragment, relative to the workspace root.
 pub fn fragment_path() -> PathBuf {
-    cache::workspace_root().join("configs").join("guest-kernel.config")
+    cache::workspace_root()
+        .join("configs")
+        .join("guest-kernel.config")
 }
 
 /// Returns the cached `vmlinux`, building it first if needed.
@@ -74,7 +76,11 @@ pub fn build() -> Result<PathBuf> {
     let image = fs::read(&built).with_context(|| format!("Cannot read {}", built.display()))?;
     let entry = super::elf::pvh_entry(&image)
         .with_context(|| format!("{} has no PVH entry point", built.display()))?;
-    cache::write_atomically(&out_dir.join("config"), &fs::read(tree.join(".config"))?, 0o644)?;
+    cache::write_atomically(
+        &out_dir.join("config"),
+        &fs::read(tree.join(".config"))?,
+        0o644,
+    )?;
     cache::write_atomically(&vmlinux, &image, 0o644)?;
     info!(
         "guest: kernel built in {:.0?} ({} MiB, PVH entry {entry:#x})",
@@ -95,7 +101,9 @@ pub fn cache_key(fragment: &str, source_version: &str, gcc_version: &str) -> Cac
 
 fn source_version() -> Result<String> {
     let v = output_text(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))
-        .with_context(|| format!("{SOURCE_PACKAGE} is not installed (run `cargo xtask setup`)"))?;
+        .with_context(|| {
+        format!("{SOURCE_PACKAGE} is not installed (run `cargo xtask setup`)")
+    })?;
     Ok(v.trim().to_string())
 }
 
@@ -124,7 +132,13 @@ fn unpack_source(build_root: &Path, version: &str) -> Result<PathBuf> {
         fs::remove_dir_all(&tree).with_context(|| format!("Cannot remove {}", tree.display()))?;
     }
     info!("guest: unpacking {SOURCE_TARBALL}");
-    output_text(Command::new("tar").arg("-xf").arg(SOURCE_TARBALL).arg("-C").arg(build_root))?;
+    output_text(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(SOURCE_TARBALL)
+            .arg("-C")
+            .arg(build_root),
+    )?;
     fs::write(&stamp, version)?;
     Ok(tree)
 }
@@ -225,10 +239,22 @@ mod tests {
     #[test]
     fn cache_key_depends_on_every_input() {
         let base = cache_key("CONFIG_A=y\n", "6.1.192-2", "gcc 12.2.0").hex();
-        assert_eq!(base, cache_key("CONFIG_A=y\n", "6.1.192-2", "gcc 12.2.0").hex());
-        assert_ne!(base, cache_key("CONFIG_A=n\n", "6.1.192-2", "gcc 12.2.0").hex());
-        assert_ne!(base, cache_key("CONFIG_A=y\n", "6.1.192-3", "gcc 12.2.0").hex());
-        assert_ne!(base, cache_key("CONFIG_A=y\n", "6.1.192-2", "gcc 12.2.1").hex());
+        assert_eq!(
+            base,
+            cache_key("CONFIG_A=y\n", "6.1.192-2", "gcc 12.2.0").hex()
+        );
+        assert_ne!(
+            base,
+            cache_key("CONFIG_A=n\n", "6.1.192-2", "gcc 12.2.0").hex()
+        );
+        assert_ne!(
+            base,
+            cache_key("CONFIG_A=y\n", "6.1.192-3", "gcc 12.2.0").hex()
+        );
+        assert_ne!(
+            base,
+            cache_key("CONFIG_A=y\n", "6.1.192-2", "gcc 12.2.1").hex()
+        );
     }
 
     #[test]

@@ -101,10 +101,22 @@ mod tests {
 
     #[test]
     fn parses_markers_of_this_launch() {
-        assert_eq!(classify("HUSK-LAB-KVM 3f9a\r", N), Line::Marker(Marker::KvmReady));
-        assert_eq!(classify("HUSK-LAB-START 3f9a", N), Line::Marker(Marker::Start));
-        assert_eq!(classify("HUSK-LAB-EXIT 3f9a 3\r", N), Line::Marker(Marker::Exit(3)));
-        assert_eq!(classify("HUSK-LAB-EXIT 3f9a 0", N), Line::Marker(Marker::Exit(0)));
+        assert_eq!(
+            classify("HUSK-LAB-KVM 3f9a\r", N),
+            Line::Marker(Marker::KvmReady)
+        );
+        assert_eq!(
+            classify("HUSK-LAB-START 3f9a", N),
+            Line::Marker(Marker::Start)
+        );
+        assert_eq!(
+            classify("HUSK-LAB-EXIT 3f9a 3\r", N),
+            Line::Marker(Marker::Exit(3))
+        );
+        assert_eq!(
+            classify("HUSK-LAB-EXIT 3f9a 0", N),
+            Line::Marker(Marker::Exit(0))
+        );
         assert_eq!(
             classify("HUSK-LAB-FAIL 3f9a kvm_amd did not load", N),
             Line::Marker(Marker::Fail("kvm_amd did not load".into()))
@@ -114,9 +126,17 @@ mod tests {
     #[test]
     fn other_lines_are_output() {
         // Wrong nonce: a command cannot fake the marker.
-        assert_eq!(classify("HUSK-LAB-EXIT 0000 0", N), Line::Output("HUSK-LAB-EXIT 0000 0".into()));
+        assert_eq!(
+            classify("HUSK-LAB-EXIT 0000 0", N),
+            Line::Output("HUSK-LAB-EXIT 0000 0".into())
+        );
         // Not at the start of the line, malformed status, unknown event.
-        for s in ["x HUSK-LAB-EXIT 3f9a 0", "HUSK-LAB-EXIT 3f9a zero", "HUSK-LAB-EXIT", "HUSK-LAB-BOOM 3f9a"] {
+        for s in [
+            "x HUSK-LAB-EXIT 3f9a 0",
+            "HUSK-LAB-EXIT 3f9a zero",
+            "HUSK-LAB-EXIT",
+            "HUSK-LAB-BOOM 3f9a",
+        ] {
             assert_eq!(classify(s, N), Line::Output(s.into()));
         }
         assert_eq!(classify("hello\r", N), Line::Output("hello".into()));
@@ -126,7 +146,10 @@ mod tests {
     fn splits_lines_across_chunks() {
         let mut s = LineSplitter::default();
         assert_eq!(s.push(b"ab"), Vec::<String>::new());
-        assert_eq!(s.push(b"c\r\nde\nf"), vec!["abc\r".to_string(), "de".to_string()]);
+        assert_eq!(
+            s.push(b"c\r\nde\nf"),
+            vec!["abc\r".to_string(), "de".to_string()]
+        );
         assert_eq!(s.finish(), Some("f".to_string()));
         assert_eq!(s.finish(), None);
     }

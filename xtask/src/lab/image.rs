@@ -56,7 +56,7 @@ pub fn find_kernel() -> Result<LabKernel> {
             fs::read_to_string(dep).is_ok_and(|t| t.contains("/kvm-amd.ko"))
         })
         .collect();
-    releases.sort_by(|a, b| version_order(a).cmp(&version_order(b)));
+    releases.sort_by_key(|r| version_order(r));
     let Some(release) = releases.pop() else {
         bail!(
             "No /boot/vmlinuz-*-amd64 with kvm-amd modules found (install linux-image-amd64, \
@@ -92,7 +92,9 @@ pub fn module_name(path: &str) -> String {
 pub fn resolve_modules(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>> {
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for line in modules_dep.lines() {
-        let Some((path, rest)) = line.split_once(':') else { continue };
+        let Some((path, rest)) = line.split_once(':') else {
+            continue;
+        };
         let path = path.trim();
         let list = rest.split_whitespace().map(str::to_string).collect();
         deps.insert(module_name(path), (path.to_string(), list));
@@ -100,7 +102,13 @@ pub fn resolve_modules(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>
     let mut order = Vec::new();
     let mut done = HashSet::new();
     for name in wanted {
-        visit(&module_name(name), &deps, &mut done, &mut Vec::new(), &mut order)?;
+        visit(
+            &module_name(name),
+            &deps,
+            &mut done,
+            &mut Vec::new(),
+            &mut order,
+        )?;
     }
     Ok(order)
 }
@@ -138,7 +146,10 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
         return fs::read(path).with_context(|| format!("Cannot read {}", path.display()));
     }
     if name.ends_with(".ko.xz") {
-        let out = std::process::Command::new("xz").arg("-dc").arg(path).output()?;
+        let out = std::process::Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()?;
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -156,7 +167,8 @@ pub fn build_initramfs(kernel: &LabKernel) -> Result<PathBuf> {
         .with_context(|| format!("Cannot read {BUSYBOX} (install busybox-static)"))?;
 
     let mut key = CacheKey::new(RECIPE);
-    key.add("release", kernel.release.as_bytes()).add("init", INIT_SCRIPT.as_bytes());
+    key.add("release", kernel.release.as_bytes())
+        .add("init", INIT_SCRIPT.as_bytes());
     key.add("busybox", &busybox);
     let mut modules = Vec::new();
     for rel in &order {
@@ -165,7 +177,10 @@ pub fn build_initramfs(kernel: &LabKernel) -> Result<PathBuf> {
         key.add(&file, &data);
         modules.push((file, data));
     }
-    let out = cache::cache_dir()?.join("lab").join(key.short()).join("initramfs.cpio");
+    let out = cache::cache_dir()?
+        .join("lab")
+        .join(key.short())
+        .join("initramfs.cpio");
     if out.is_file() {
         return Ok(out);
     }
@@ -182,10 +197,18 @@ pub fn build_initramfs(kernel: &LabKernel) -> Result<PathBuf> {
         Entry::dir("lib/modules", 0o755),
         Entry::file("init", 0o755, INIT_SCRIPT.as_bytes().to_vec()),
     ];
-    entries.extend(APPLETS.iter().map(|a| Entry::symlink(&format!("bin/{a}"), "busybox")));
+    entries.extend(
+        APPLETS
+            .iter()
+            .map(|a| Entry::symlink(&format!("bin/{a}"), "busybox")),
+    );
     let load_order: Vec<&str> = modules.iter().map(|(f, _)| f.as_str()).collect();
     let load_order = format!("{}\n", load_order.join("\n"));
-    entries.push(Entry::file("lib/modules/load-order", 0o644, load_order.into_bytes()));
+    entries.push(Entry::file(
+        "lib/modules/load-order",
+        0o644,
+        load_order.into_bytes(),
+    ));
     for (file, data) in modules {
         entries.push(Entry::file(&format!("lib/modules/{file}"), 0o644, data));
     }
@@ -225,14 +248,31 @@ kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virt
     #[test]
     fn shared_dependencies_load_once_and_first() {
         let order = names(&resolve_modules(DEP, &["9pnet_virtio", "9p"]).unwrap());
-        assert_eq!(order, ["9pnet", "virtio_ring", "virtio", "9pnet_virtio", "netfs", "fscache", "9p"]);
+        assert_eq!(
+            order,
+            [
+                "9pnet",
+                "virtio_ring",
+                "virtio",
+                "9pnet_virtio",
+                "netfs",
+                "fscache",
+                "9p"
+            ]
+        );
     }
 
     #[test]
     fn unknown_module_and_cycles_are_errors() {
-        assert!(resolve_modules(DEP, &["nosuch"]).unwrap_err().to_string().contains("nosuch"));
+        assert!(resolve_modules(DEP, &["nosuch"])
+            .unwrap_err()
+            .to_string()
+            .contains("nosuch"));
         let cyclic = "a.ko: b.ko\nb.ko: a.ko\n";
-        assert!(resolve_modules(cyclic, &["a"]).unwrap_err().to_string().contains("cycle"));
+        assert!(resolve_modules(cyclic, &["a"])
+            .unwrap_err()
+            .to_string()
+            .contains("cycle"));
     }
 
     #[test]
@@ -245,7 +285,7 @@ kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virt
     #[test]
     fn newest_release_sorts_last() {
         let mut v = ["6.1.0-9-amd64", "6.1.0-56-amd64", "6.1.0-10-amd64"];
-        v.sort_by(|a, b| version_order(a).cmp(&version_order(b)));
+        v.sort_by_key(|r| version_order(r));
         assert_eq!(v, ["6.1.0-9-amd64", "6.1.0-10-amd64", "6.1.0-56-amd64"]);
     }
 }

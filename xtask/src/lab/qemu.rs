@@ -39,6 +39,10 @@ pub struct Launch<'a> {
     pub nonce: &'a str,
     pub smp: u32,
     pub mem_mib: u32,
+    /// Show the L1's boot console (no `quiet`) on stderr, for debugging the lab.
+    pub verbose: bool,
+    /// The host's TSC frequency, which TCG passes through to the L1.
+    pub tsc_khz: Option<u64>,
 }
 
 /// Where the command's output goes.
@@ -54,9 +58,16 @@ pub enum Output {
 #[derive(Debug)]
 pub enum Ended {
     /// The command ran and exited with this status.
-    Exited { code: i32, kvm_ready: Duration, output: String },
+    Exited {
+        code: i32,
+        kvm_ready: Duration,
+        output: String,
+    },
     /// The lab init reported a failure before the command ran (never retried).
-    InitFailed { reason: String, console: Vec<String> },
+    InitFailed {
+        reason: String,
+        console: Vec<String>,
+    },
     /// The L1 died or hung before the command started (may be retried).
     BootLost { why: String, console: Vec<String> },
     /// The L1 died or the run timed out while the command ran (never retried).
@@ -66,30 +77,58 @@ pub enum Ended {
 /// QEMU's command line for `launch` (without the program name).
 pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
-        "-M", "microvm,rtc=on", "-accel", "tcg,thread=multi", "-cpu", "max",
-        "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+        "-M",
+        "microvm,rtc=on",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
     ]
     .iter()
     .map(OsString::from)
     .collect();
     args.extend(["-smp".into(), launch.smp.to_string().into()]);
     args.extend(["-m".into(), launch.mem_mib.to_string().into()]);
-    args.extend(["-kernel".into(), launch.kernel.image.clone().into_os_string()]);
+    args.extend([
+        "-kernel".into(),
+        launch.kernel.image.clone().into_os_string(),
+    ]);
     args.extend(["-initrd".into(), launch.initramfs.as_os_str().to_owned()]);
     // quiet: every console byte is slow under emulation; mitigations=off: page-table
     // isolation and retpolines only slow TCG down; reboot=t + -no-reboot: the lab's
     // `reboot -f` (and a panic, via panic=-1) ends QEMU.
+    //
+    // tsc_early_khz: under a loaded host the L1's PIT calibration of the TSC can fail
+    // ("tsc: Unable to calibrate against PIT ... Marking TSC unstable") and the boot then
+    // hangs (4 of 25 launches in one series). TCG's TSC is the host's, so its frequency
+    // is known; tsc=reliable keeps the clocksource watchdog from dropping it under load.
+    let quiet = if launch.verbose { "" } else { " quiet" };
+    let tsc = match launch.tsc_khz {
+        Some(khz) => format!(" tsc_early_khz={khz} tsc=reliable"),
+        None => String::new(),
+    };
     let cmdline = format!(
-        "console=ttyS0 quiet mitigations=off reboot=t panic=-1 husk_lab.nonce={}",
+        "console=ttyS0{quiet}{tsc} mitigations=off reboot=t panic=-1 husk_lab.nonce={}",
         launch.nonce
     );
     args.extend(["-append".into(), cmdline.into()]);
     let mut share = |id: &str, path: &Path, tag: &str, readonly: bool| {
         let ro = if readonly { ",readonly=on" } else { "" };
-        let mut fsdev = OsString::from(format!("local,id={id},security_model=none{ro},path="));
+        let mut fsdev = OsString::from(format!(
+            "local,id={id},security_model=none,multidevs=remap{ro},path="
+        ));
         fsdev.push(escape_qemu_opt(path));
         args.extend(["-fsdev".into(), fsdev]);
-        args.extend(["-device".into(), format!("virtio-9p-device,fsdev={id},mount_tag={tag}").into()]);
+        args.extend([
+            "-device".into(),
+            format!("virtio-9p-device,fsdev={id},mount_tag={tag}").into(),
+        ]);
     };
     share("root", Path::new("/"), ROOT_TAG, true);
     share("job", launch.job_dir, JOB_TAG, false);
@@ -119,7 +158,8 @@ fn spawn(launch: &Launch<'_>) -> Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("Cannot start {QEMU} (install qemu-system-x86)"))
+    cmd.spawn()
+        .with_context(|| format!("Cannot start {QEMU} (install qemu-system-x86)"))
 }
 
 /// Boots the lab once and follows it until the command's exit, a failure or a timeout.
@@ -203,9 +243,17 @@ pub fn launch_once(
             }
             Line::Marker(Marker::Fail(reason)) => {
                 let _ = child.kill();
-                break Some(Ended::InitFailed { reason, console: std::mem::take(&mut console) });
+                break Some(Ended::InitFailed {
+                    reason,
+                    console: std::mem::take(&mut console),
+                });
             }
-            Line::Output(text) if command_started.is_none() => console.push(text),
+            Line::Output(text) if command_started.is_none() => {
+                if launch.verbose {
+                    eprintln!("L1| {text}");
+                }
+                console.push(text);
+            }
             Line::Output(text) => match output {
                 Output::Stream => {
                     let mut out = std::io::stdout().lock();
@@ -249,7 +297,9 @@ fn wait_briefly(child: &mut Child) -> String {
             Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
             _ => {
                 let _ = child.kill();
-                return child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
+                return child
+                    .wait()
+                    .map_or_else(|e| e.to_string(), |s| s.to_string());
             }
         }
     }

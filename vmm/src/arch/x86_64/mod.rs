@@ -47,7 +47,9 @@ pub enum BootError {
     #[error("Cannot load the ELF kernel")]
     LoadKernel(#[source] linux_loader::loader::Error),
     /// No PVH note in the kernel
-    #[error("The kernel has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH=y")]
+    #[error(
+        "The kernel has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH=y"
+    )]
     NoPvhEntry,
     /// Cannot read the initrd
     #[error("Cannot read initrd {0}")]
@@ -60,7 +62,10 @@ pub enum BootError {
     Write(#[source] vm_memory::GuestMemoryError),
     /// The command line is invalid or too long
     #[error("Invalid kernel command line")]
-    Cmdline(#[source] linux_loader::loader::Error),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line cannot be written
+    #[error("Cannot write the kernel command line")]
+    LoadCmdline(#[source] linux_loader::loader::Error),
     /// PVH configuration failed
     #[error("Cannot write the PVH start info")]
     StartInfo(#[source] linux_loader::configurator::Error),
@@ -133,12 +138,11 @@ pub fn load_initrd(
 
 /// Writes the NUL-terminated command line at [`CMDLINE_START`].
 pub fn load_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
-    let mut cl = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX_SIZE)
-        .map_err(|e| BootError::Cmdline(linux_loader::loader::Error::Cmdline(e)))?;
-    cl.insert_str(cmdline)
-        .map_err(|e| BootError::Cmdline(linux_loader::loader::Error::Cmdline(e)))?;
+    let mut cl =
+        linux_loader::cmdline::Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    cl.insert_str(cmdline).map_err(BootError::Cmdline)?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
-        .map_err(BootError::Cmdline)
+        .map_err(BootError::LoadCmdline)
 }
 
 /// The PVH memory map: low RAM below the EBDA, the EBDA (MP table) reserved, RAM from 1 MiB.

@@ -6,7 +6,7 @@
 //! segments, TR a 32-bit TSS (busy); CR0.PE = 1, CR4 = 0; EFLAGS.IF = 0; `ebx` holds the guest
 //! physical address of `hvm_start_info`; other GPRs are undefined.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -73,7 +73,11 @@ fn flat_segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
 /// Packs a segment into a GDT descriptor (Intel SDM vol. 3, figure 3-8).
 fn gdt_entry(seg: &kvm_segment) -> u64 {
     let base = seg.base;
-    let limit = u64::from(if seg.g == 1 { seg.limit >> 12 } else { seg.limit });
+    let limit = u64::from(if seg.g == 1 {
+        seg.limit >> 12
+    } else {
+        seg.limit
+    });
     let flags = u64::from(seg.type_)
         | (u64::from(seg.s) << 4)
         | (u64::from(seg.dpl) << 5)

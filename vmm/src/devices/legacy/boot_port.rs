@@ -48,7 +48,11 @@ impl BusDevice for BootPort {
                 }
             }
             Some(BOOT_SHUTDOWN) => {
-                if !self.observations.agent_shutdown.swap(true, Ordering::SeqCst) {
+                if !self
+                    .observations
+                    .agent_shutdown
+                    .swap(true, Ordering::SeqCst)
+                {
                     tracing::info!("guest announced clean shutdown");
                 }
             }

@@ -1,0 +1,334 @@
+//! Builds and runs one VM from a [`VmConfig`]: KVM VM with in-kernel irqchip and PIT, guest
+//! memory, devices on the buses, the PVH-loaded kernel, vCPU threads and the event loop. Returns
+//! when the VM ends, with the classified [`ExitStatus`].
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vm_memory::{Address, GuestMemory as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{self as arch, layout};
+use crate::config::{ConsoleTarget, VmConfig};
+use crate::devices::legacy::boot_port::{BootPort, BOOT_PORT};
+use crate::devices::legacy::i8042::{I8042Device, I8042_DATA_PORT, I8042_PORT_SPAN};
+use crate::devices::legacy::serial::{
+    ConsoleWriter, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
+};
+use crate::devices::legacy::IrqFdTrigger;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::{VsockDevice, VsockHandler};
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::devices::{lock, Bus};
+use crate::event_loop::{block_stop_signals, EventLoop, SignalSubscriber};
+use crate::exit::{ExitEvent, ExitNotifier, ExitStatus};
+use crate::memory::{create_guest_memory, GuestMemory};
+use crate::vcpu::{Buses, Vcpu};
+
+/// Fixed part of the guest command line (docs/contracts.md).
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1";
+
+/// Building the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// /dev/kvm cannot be opened
+    #[error("Cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A required KVM capability is missing
+    #[error("KVM lacks the required capability {0:?}")]
+    MissingCap(Cap),
+    /// A KVM VM ioctl failed
+    #[error("KVM {0} failed")]
+    VmIoctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory setup failed
+    #[error("Cannot set up guest memory")]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Boot setup failed
+    #[error("Cannot set up the guest boot")]
+    Boot(#[from] arch::BootError),
+    /// Creating an eventfd failed
+    #[error("Cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The console file cannot be opened
+    #[error("Cannot open console file {0}")]
+    Console(String, #[source] std::io::Error),
+    /// Device setup failed
+    #[error("Cannot set up the vsock device")]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// Bus setup failed
+    #[error("Cannot place a device")]
+    Bus(#[from] crate::devices::BusError),
+    /// Signal setup failed
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] nix::Error),
+    /// Thread or event loop setup failed
+    #[error("Cannot start a VMM thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |e| BuildError::VmIoctl(what, e)
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, BuildError> {
+    for cap in [
+        Cap::Irqchip,
+        Cap::Irqfd,
+        Cap::Ioeventfd,
+        Cap::Pit2,
+        Cap::UserMemory,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(BuildError::MissingCap(cap));
+        }
+    }
+    let vm = kvm.create_vm().map_err(vm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(vm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(vm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), BuildError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem.get_host_address(region.start_addr()).map_err(|_| {
+            BuildError::VmIoctl(
+                "KVM_SET_USER_MEMORY_REGION",
+                kvm_ioctls::Error::new(libc::EFAULT),
+            )
+        })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping belongs to `mem`, which outlives the VM (both live until process
+        // exit), and the guest ranges of the regions do not overlap.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+fn console_writer(
+    target: &ConsoleTarget,
+    exit: &ExitNotifier,
+) -> Result<ConsoleWriter, BuildError> {
+    let out: Option<Box<dyn Write + Send>> = match target {
+        ConsoleTarget::Stdout => Some(Box::new(std::io::stdout())),
+        ConsoleTarget::Off => None,
+        ConsoleTarget::File(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| BuildError::Console(path.display().to_string(), e))?;
+            Some(Box::new(std::io::LineWriter::new(file)))
+        }
+    };
+    Ok(ConsoleWriter::new(out, exit.observations.clone()))
+}
+
+fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&evt, gsi).map_err(vm_err("KVM_IRQFD"))?;
+    Ok(evt)
+}
+
+/// The full guest command line.
+pub fn build_cmdline(tsc_khz: Option<u32>, virtio: &[(u64, u32)], extra: Option<&str>) -> String {
+    let mut cmdline = BASE_CMDLINE.to_string();
+    if let Some(khz) = tsc_khz {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    for (base, irq) in virtio {
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    if let Some(extra) = extra.filter(|e| !e.trim().is_empty()) {
+        cmdline.push(' ');
+        cmdline.push_str(extra.trim());
+    }
+    cmdline
+}
+
+/// Builds the VM, runs it and returns how it ended. `launched` is when the process started (the
+/// boot timer's origin).
+pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildError> {
+    // Before any thread exists, so every thread inherits the mask and only the signalfd sees them.
+    block_stop_signals().map_err(BuildError::Signals)?;
+    let (exit, exit_rx) = ExitNotifier::new();
+
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let vm = create_vm(&kvm)?;
+    let (mem, _memfd) = create_guest_memory(config.mem_size_mib)?;
+    register_memory(&vm, &mem)?;
+
+    // Legacy devices on the port bus.
+    let mut pio = Bus::new();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        IrqFdTrigger(irqfd(&vm, COM1_IRQ)?),
+        console_writer(&config.console, &exit)?,
+    )));
+    pio.insert(COM1_PORT, COM1_PORT_COUNT, serial.clone())?;
+    pio.insert(
+        I8042_DATA_PORT,
+        I8042_PORT_SPAN,
+        Arc::new(Mutex::new(I8042Device::new(exit.clone()))),
+    )?;
+    pio.insert(
+        BOOT_PORT,
+        1,
+        Arc::new(Mutex::new(BootPort::new(
+            launched,
+            exit.observations.clone(),
+        ))),
+    )?;
+
+    // virtio-vsock on the MMIO bus.
+    let mut mmio = Bus::new();
+    let vsock = Arc::new(Mutex::new(VsockDevice::new(
+        config.vsock_cid,
+        &config.vsock_uds,
+    )?));
+    let vsock_base = layout::VIRTIO_MMIO_BASE;
+    let vsock_irq = layout::VIRTIO_IRQ_BASE;
+    let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&vm, vsock_irq)?));
+    for (index, evt) in lock(&vsock).queue_events().iter().enumerate() {
+        let addr = IoEventAddress::Mmio(vsock_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        vm.register_ioevent(evt, &addr, index as u32)
+            .map_err(vm_err("KVM_IOEVENTFD"))?;
+    }
+    let transport = MmioTransport::new(vsock.clone(), mem.clone(), interrupt);
+    mmio.insert(
+        vsock_base,
+        layout::VIRTIO_MMIO_WINDOW_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+
+    // vCPUs (vCPU 0 first: KVM_GET_TSC_KHZ is a vCPU ioctl).
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(vm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let vcpu_fds = (0..config.vcpus)
+        .map(|id| {
+            vm.create_vcpu(u64::from(id))
+                .map_err(vm_err("KVM_CREATE_VCPU"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tsc_khz = match vcpu_fds[0].get_tsc_khz() {
+        Ok(khz) => Some(khz),
+        Err(e) => {
+            tracing::warn!(error = %e, "KVM_GET_TSC_KHZ failed; not passing tsc_early_khz");
+            None
+        }
+    };
+
+    // Kernel, initrd, command line, boot tables.
+    let boot = arch::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(arch::load_initrd(&mem, path, boot.kernel_end)?),
+        None => None,
+    };
+    let cmdline = build_cmdline(
+        tsc_khz,
+        &[(vsock_base, vsock_irq)],
+        config.cmdline_extra.as_deref(),
+    );
+    tracing::debug!(%cmdline, entry = format!("{:#x}", boot.entry.raw_value()), "booting");
+    arch::load_cmdline(&mem, &cmdline)?;
+    arch::mptable::setup_mptable(&mem, config.vcpus).map_err(arch::BootError::from)?;
+    arch::configure_pvh(&mem, initrd)?;
+    for (id, fd) in vcpu_fds.iter().enumerate() {
+        arch::configure_vcpu(
+            fd,
+            &mem,
+            &supported_cpuid,
+            id as u8,
+            config.vcpus,
+            boot.entry,
+        )?;
+    }
+
+    // Event loop thread.
+    let mut event_loop = EventLoop::new().map_err(BuildError::Thread)?;
+    event_loop
+        .add_subscriber(Box::new(
+            SignalSubscriber::new(exit.clone()).map_err(BuildError::Signals)?,
+        ))
+        .map_err(BuildError::Thread)?;
+    event_loop
+        .add_subscriber(Box::new(VsockHandler(vsock.clone())))
+        .map_err(BuildError::Thread)?;
+    let loop_exit = exit.clone();
+    std::thread::Builder::new()
+        .name("husk-events".into())
+        .spawn(move || {
+            let e = event_loop.run();
+            loop_exit.notify(ExitEvent::VmmError(format!("event loop failed: {e}")));
+        })
+        .map_err(BuildError::Thread)?;
+
+    // vCPU threads.
+    let buses = Buses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+    };
+    for (id, fd) in vcpu_fds.into_iter().enumerate() {
+        let vcpu = Vcpu::new(fd, id as u8, buses.clone(), exit.clone());
+        std::thread::Builder::new()
+            .name(format!("husk-vcpu{id}"))
+            .spawn(move || vcpu.run())
+            .map_err(BuildError::Thread)?;
+    }
+    tracing::info!(
+        vcpus = config.vcpus,
+        mem_size_mib = config.mem_size_mib,
+        uds = %config.vsock_uds.display(),
+        "VM started"
+    );
+
+    // `exit` itself keeps the channel open, so recv only fails if every sender vanished.
+    let event = exit_rx
+        .recv()
+        .unwrap_or_else(|_| ExitEvent::VmmError("all VMM threads ended".into()));
+    lock(&serial).flush();
+    let _ = std::fs::remove_file(&config.vsock_uds);
+    let status = exit.observations.classify(&event);
+    match &event {
+        ExitEvent::VmmError(msg) => tracing::error!("{msg}"),
+        other => tracing::info!(event = ?other, ?status, "VM ended"),
+    }
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_has_contract_parts() {
+        let c = build_cmdline(Some(2_000_000), &[(0xd000_0000, 5)], Some(" loglevel=7 "));
+        assert_eq!(
+            c,
+            "console=ttyS0 quiet reboot=t panic=-1 tsc_early_khz=2000000 \
+             virtio_mmio.device=4K@0xd0000000:5 loglevel=7"
+        );
+        assert!(!build_cmdline(None, &[], None).contains("tsc_early_khz"));
+    }
+}

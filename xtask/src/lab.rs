@@ -1,0 +1,442 @@
+//! `cargo xtask lab -- <command>`: runs a command where a Linux-booting `/dev/kvm` exists.
+//!
+//! This workplace's `/dev/kvm` is PVM, which cannot boot an unmodified Linux guest
+//! (DESIGN.md "Host facts"). The lab boots a throwaway L1 Debian kernel under QEMU TCG,
+//! whose emulated AMD SVM gives the L1 a working KVM, chroots into the host's root
+//! (shared read-only) and runs the command there with the same cwd, a chosen part of the
+//! environment, and the cargo target dir and husk cache shared read-write at their own
+//! paths, so test binaries and artifact paths work unchanged. Output streams back over
+//! the serial console; the exit status comes back as a marker line (see `console`).
+//!
+//! The L1 boot itself is infrastructure: if it dies or hangs before the command starts,
+//! it is retried once, loudly. Once the command runs nothing is retried.
+//!
+//! Library use: [`run`] or [`LabRun`]; [`kvm_mode`]/[`probe_host_kvm`] decide whether the
+//! lab is needed at all.
+
+mod console;
+mod image;
+mod probe;
+mod qemu;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+
+use crate::cache;
+pub use probe::{build_vmm, kvm_mode, probe_host_kvm, KvmMode, HUSK_KVM_MODE_ENV};
+/// `cargo xtask kvm-mode`.
+pub mod kvm_mode_cmd {
+    pub use super::probe::{run_command, Args};
+}
+pub use qemu::Output;
+
+/// Environment variables passed from the caller into the lab (plus every `HUSK_*`).
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "RUST_LIB_BACKTRACE",
+    "RUST_TEST_THREADS",
+    "CARGO_TARGET_DIR",
+];
+/// Set inside the lab so tests can tell where they run.
+pub const HUSK_IN_LAB_ENV: &str = "HUSK_IN_LAB";
+/// Default limit for a whole lab run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// Limit from QEMU launch to the command's start. The L1 normally has /dev/kvm after
+/// 6–8 s and starts the command a second later; a boot that takes 8x that has hung.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Set to `1` to see the L1's boot console (without `quiet`) on stderr.
+pub const HUSK_LAB_VERBOSE_ENV: &str = "HUSK_LAB_VERBOSE";
+/// How many times a lost L1 boot is retried per run.
+const BOOT_RETRIES: u32 = 1;
+
+/// Arguments of `cargo xtask lab`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Limit for the whole run, e.g. `90s`, `40m`, `1h` (QEMU is killed after it).
+    #[arg(long, default_value = "40m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Extra environment for the command, `K=V` (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// vCPUs of the L1.
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// Memory of the L1, in MiB.
+    #[arg(long, default_value_t = 3072)]
+    pub mem_mib: u32,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// One lab run.
+#[derive(Debug, Clone)]
+pub struct LabRun {
+    /// The program and its arguments, run with the host's `PATH`.
+    pub command: Vec<String>,
+    /// Environment added to the passed-through set.
+    pub env: Vec<(String, String)>,
+    /// Working directory (default: the current one); must exist on the host.
+    pub cwd: Option<PathBuf>,
+    /// Limit for the command, once started.
+    pub timeout: Duration,
+    /// Limit for the L1 boot.
+    pub boot_timeout: Duration,
+    /// vCPUs of the L1.
+    pub smp: u32,
+    /// Memory of the L1 in MiB.
+    pub mem_mib: u32,
+    /// Where the command's output goes.
+    pub output: Output,
+}
+
+/// The result of a lab run.
+#[derive(Debug, Clone)]
+pub struct LabOutcome {
+    /// The command's exit status (128 + n when killed by signal n).
+    pub exit_code: i32,
+    /// Time from (the last) QEMU launch to `/dev/kvm` ready.
+    pub kvm_ready: Duration,
+    /// Time from the first launch to the end.
+    pub total: Duration,
+    /// Lost L1 boots that were retried.
+    pub boot_retries: u32,
+    /// The output, when [`Output::Capture`] was asked for.
+    pub output: String,
+}
+
+impl LabRun {
+    /// A run of `command` with the defaults (2 vCPUs, 3 GiB, streamed output).
+    pub fn new<S: Into<String>>(command: impl IntoIterator<Item = S>) -> Self {
+        LabRun {
+            command: command.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: None,
+            timeout: DEFAULT_TIMEOUT,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            smp: 2,
+            mem_mib: 3072,
+            output: Output::Stream,
+        }
+    }
+
+    /// Boots the lab, runs the command, and returns its exit status.
+    pub fn run(&self) -> Result<LabOutcome> {
+        if self.command.is_empty() {
+            bail!("No command to run in the lab");
+        }
+        let kernel = image::find_kernel()?;
+        let initramfs = image::build_initramfs(&kernel)?;
+        let cwd = match &self.cwd {
+            Some(dir) => dir.clone(),
+            None => std::env::current_dir()?,
+        };
+        let rw_shares = rw_shares()?;
+        let job = tempfile::Builder::new().prefix("husk-lab-").tempdir()?;
+        fs::write(job.path().join("config.sh"), config_script(&rw_shares)?)?;
+        let env = self.environment()?;
+        fs::write(
+            job.path().join("run.sh"),
+            run_script(&cwd, &env, &self.command),
+        )?;
+
+        let tsc_khz = host_tsc_khz();
+        let started = Instant::now();
+        let mut retries = 0;
+        loop {
+            let nonce = nonce()?;
+            let launch = qemu::Launch {
+                kernel: &kernel,
+                initramfs: &initramfs,
+                job_dir: job.path(),
+                rw_shares: &rw_shares,
+                nonce: &nonce,
+                smp: self.smp,
+                mem_mib: self.mem_mib,
+                verbose: std::env::var(HUSK_LAB_VERBOSE_ENV).is_ok_and(|v| v == "1"),
+                tsc_khz,
+            };
+            match qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout)? {
+                qemu::Ended::Exited {
+                    code,
+                    kvm_ready,
+                    output,
+                } => {
+                    return Ok(LabOutcome {
+                        exit_code: code,
+                        kvm_ready,
+                        total: started.elapsed(),
+                        boot_retries: retries,
+                        output,
+                    })
+                }
+                qemu::Ended::InitFailed { reason, console } => {
+                    bail!(
+                        "LAB FAILED: {reason}\n--- L1 console ---\n{}",
+                        console.join("\n")
+                    )
+                }
+                qemu::Ended::RunLost { why } => bail!("LAB FAILED: {why}"),
+                qemu::Ended::BootLost { why, console } if retries < BOOT_RETRIES => {
+                    retries += 1;
+                    warn!(
+                        "lab: RETRYING the L1 boot ({retries}/{BOOT_RETRIES}): {why}\n\
+                         --- L1 console ---\n{}",
+                        console.join("\n")
+                    );
+                }
+                qemu::Ended::BootLost { why, console } => bail!(
+                    "LAB FAILED: the L1 did not boot ({why}), retries exhausted\n\
+                     --- L1 console ---\n{}",
+                    console.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The command's environment: the passed-through set, the run's own, and the markers.
+    fn environment(&self) -> Result<Vec<(String, String)>> {
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| PASSED_ENV.contains(&k.as_str()) || k.starts_with("HUSK_"))
+            .collect();
+        env.push((
+            cache::HUSK_CACHE_ENV.to_string(),
+            cache::cache_dir()?.to_string_lossy().into_owned(),
+        ));
+        env.push((HUSK_IN_LAB_ENV.to_string(), "1".to_string()));
+        env.extend(self.env.iter().cloned());
+        // Later entries win, as with `env K=1 K=2`; keep only the last of each key.
+        let mut seen = std::collections::HashSet::new();
+        let mut unique: Vec<_> = env
+            .into_iter()
+            .rev()
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .collect();
+        unique.reverse();
+        Ok(unique)
+    }
+}
+
+/// Runs `command` in the lab with extra `env`, streaming its output; returns its outcome.
+pub fn run(command: &[String], env: &[(String, String)], timeout: Duration) -> Result<LabOutcome> {
+    let mut lab = LabRun::new(command.iter().cloned());
+    lab.env = env.to_vec();
+    lab.timeout = timeout;
+    lab.run()
+}
+
+/// The `lab` subcommand: exits with the command's status.
+pub fn run_command(args: &Args) -> Result<i32> {
+    crate::setup::ensure()?;
+    let mut lab = LabRun::new(args.command.iter().cloned());
+    lab.env = args.env.clone();
+    lab.timeout = args.timeout;
+    lab.smp = args.smp;
+    lab.mem_mib = args.mem_mib;
+    let outcome = lab.run()?;
+    info!(
+        "lab: command exited with {} after {:.1} s in the lab",
+        outcome.exit_code,
+        outcome.total.as_secs_f64()
+    );
+    Ok(outcome.exit_code)
+}
+
+/// The read-write shares: the cargo target dir and the husk cache, parents first.
+fn rw_shares() -> Result<Vec<(String, PathBuf)>> {
+    let mut dirs = vec![cache::target_dir(), cache::cache_dir()?];
+    for dir in &mut dirs {
+        fs::create_dir_all(&*dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+        *dir = fs::canonicalize(&*dir)?;
+    }
+    dirs.sort_by_key(|d| d.components().count());
+    dirs.dedup();
+    Ok(dirs
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| (format!("huskrw{i}"), d))
+        .collect())
+}
+
+/// `config.sh`, sourced by the lab init: the shares to mount, as `tag path` pairs.
+fn config_script(rw_shares: &[(String, PathBuf)]) -> Result<String> {
+    let mut pairs = Vec::new();
+    for (tag, path) in rw_shares {
+        let path = path.to_str().context("Share path is not UTF-8")?;
+        if path.chars().any(|c| c.is_whitespace() || c == '\'') {
+            bail!("Lab share path {path:?} contains whitespace or a quote");
+        }
+        pairs.push(format!("{tag} {path}"));
+    }
+    Ok(format!("RW_SHARES='{}'\n", pairs.join(" ")))
+}
+
+/// `run.sh`, run by `/bin/sh` in the chroot: cd, then exec the command with exactly `env`.
+pub fn run_script(cwd: &Path, env: &[(String, String)], command: &[String]) -> String {
+    let cwd = shell_quote(&cwd.to_string_lossy());
+    let mut script = format!(
+        "cd {cwd} || {{ echo \"husk lab: cannot cd to \"{cwd} >&2; exit 125; }}\nexec env -i --"
+    );
+    for (k, v) in env {
+        script.push(' ');
+        script.push_str(&shell_quote(&format!("{k}={v}")));
+    }
+    for arg in command {
+        script.push(' ');
+        script.push_str(&shell_quote(arg));
+    }
+    script.push('\n');
+    script
+}
+
+/// Quotes `s` for POSIX sh.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A fresh random hex string for the console markers.
+fn nonce() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+/// The host's TSC frequency in kHz, from `cpu MHz` of `/proc/cpuinfo` (on this
+/// workplace's hosts the TSC is constant and its frequency known: `tsc_known_freq`).
+/// Guests need it as `tsc_early_khz=` because their own PIT calibration is unreliable
+/// under emulation (DESIGN.md "Host facts").
+pub fn host_tsc_khz() -> Option<u64> {
+    parse_cpu_mhz_khz(&fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn parse_cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
+    // Rounded to whole kHz: at most 1 ppm off the kernel's own calibration.
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// Parses `90s`, `40m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("bad duration unit in {s:?} (use s, m or h)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected K=V, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("40m").unwrap(), Duration::from_secs(2400));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("7d").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn cpu_mhz() {
+        let cpuinfo =
+            "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2596.150\ncache size\t: 512 KB\n";
+        assert_eq!(parse_cpu_mhz_khz(cpuinfo), Some(2_596_150));
+        assert_eq!(parse_cpu_mhz_khz("processor\t: 0\n"), None);
+        assert_eq!(parse_cpu_mhz_khz("cpu MHz\t: n/a\n"), None);
+    }
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
+
+    /// The generated script, run by a real sh, passes every byte of every argument
+    /// through and sets exactly the given environment.
+    #[test]
+    fn run_script_quotes_arguments_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = vec![
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+            ("X".into(), "it's $HOME".into()),
+        ];
+        let cmd: Vec<String> = ["printf", "%s|", "a b", "'q'", "$(x)", "-"]
+            .map(String::from)
+            .to_vec();
+        let script = run_script(dir.path(), &env, &cmd);
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b|'q'|$(x)|-|");
+
+        let cmd: Vec<String> = ["sh", "-c", "pwd; env | sort"].map(String::from).to_vec();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(run_script(dir.path(), &env, &cmd))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            fs::canonicalize(dir.path()).unwrap().to_str().unwrap()
+        );
+        assert!(lines.contains(&"X=it's $HOME"), "{text}");
+        assert!(!lines.iter().any(|l| l.starts_with("HOME=")), "{text}");
+    }
+
+    #[test]
+    fn missing_cwd_exits_125() {
+        let script = run_script(Path::new("/nonexistent/dir"), &[], &["true".to_string()]);
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        assert_eq!(out.status.code(), Some(125));
+    }
+
+    #[test]
+    fn config_script_lists_shares() {
+        let shares = vec![("huskrw0".to_string(), PathBuf::from("/work/main/target"))];
+        assert_eq!(
+            config_script(&shares).unwrap(),
+            "RW_SHARES='huskrw0 /work/main/target'\n"
+        );
+        let bad = vec![("huskrw0".to_string(), PathBuf::from("/a b"))];
+        assert!(config_script(&bad).is_err());
+    }
+
+    #[test]
+    fn later_env_entries_win() {
+        let mut lab = LabRun::new(["true"]);
+        lab.env = vec![("HUSK_IN_LAB".into(), "2".into()), ("K".into(), "v".into())];
+        let env = lab.environment().unwrap();
+        assert_eq!(env.iter().filter(|(k, _)| k == "HUSK_IN_LAB").count(), 1);
+        assert!(env.contains(&("HUSK_IN_LAB".into(), "2".into())));
+        assert!(env.contains(&("K".into(), "v".into())));
+    }
+}

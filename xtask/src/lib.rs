@@ -1,0 +1,11 @@
+//! xtask's library: every subcommand's implementation, so commands can call each other
+//! (`test` boots the lab, `bench` needs the guest artifacts) and `main.rs` stays a thin
+//! dispatcher.
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod cpio;
+pub mod guest;
+pub mod lab;
+pub mod process;
+pub mod setup;

@@ -35,7 +35,9 @@ pub enum InitError {
     #[error("Cannot redirect standard streams to the console")]
     Dup(#[source] nix::Error),
     /// ioperm(2) on the status port failed (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)
-    #[error("ioperm(2) on the status port failed (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)")]
+    #[error(
+        "ioperm(2) on the status port failed (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)"
+    )]
     Ioperm(#[source] std::io::Error),
 }
 

@@ -28,7 +28,7 @@ pub use husk_agent_api::AGENT_VSOCK_PORT;
 /// First pause between connection attempts; doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 /// Longest pause between connection attempts.
-const MAX_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest a guest-supplied string (version, kernel release, error message) may be.
 const MAX_GUEST_STRING_LEN: usize = 256;
 /// More CPUs than any husk guest can have (KVM's limit is lower).

@@ -50,7 +50,14 @@ fn start_vm(g: &Guest, vcpus: u8, extra: &str) -> Result<Vm> {
         .arg(&g.vmlinux)
         .arg("--initrd")
         .arg(&g.initramfs)
-        .args(["--mem-mib", "256", "--vcpus", &vcpus.to_string(), "--console", "off"])
+        .args([
+            "--mem-mib",
+            "256",
+            "--vcpus",
+            &vcpus.to_string(),
+            "--console",
+            "off",
+        ])
         .arg("--vsock-uds")
         .arg(&uds)
         .args(["--cmdline-extra", extra])
@@ -145,13 +152,64 @@ fn ttrpc_call(s: &mut UnixStream, stream_id: u32, service: &str, method: &str) -
     Ok(data)
 }
 
+fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *buf.get(*pos).context("truncated varint")?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    bail!("varint too long")
+}
+
+/// One protobuf field value: a varint (`Ok`) or length-delimited bytes (`Err`).
+type PbValue = Result<u64, Vec<u8>>;
+
+/// The protobuf fields of `msg` as (number, value).
+fn pb_fields(msg: &[u8]) -> Result<Vec<(u64, PbValue)>> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < msg.len() {
+        let key = read_varint(msg, &mut pos)?;
+        match key & 7 {
+            0 => out.push((key >> 3, Ok(read_varint(msg, &mut pos)?))),
+            2 => {
+                let len = read_varint(msg, &mut pos)? as usize;
+                let data = msg.get(pos..pos + len).context("truncated field")?.to_vec();
+                pos += len;
+                out.push((key >> 3, Err(data)));
+            }
+            wire => bail!("unexpected wire type {wire}"),
+        }
+    }
+    Ok(out)
+}
+
+/// `online_cpus` (field 4) of the GetGuestDetailsResponse inside a ttrpc Response (payload = 2).
+fn online_cpus(response: &[u8]) -> Result<u64> {
+    let payload = pb_fields(response)?
+        .into_iter()
+        .find_map(|(n, v)| (n == 2).then_some(v).and_then(|v| v.err()))
+        .context("no payload")?;
+    pb_fields(&payload)?
+        .into_iter()
+        .find_map(|(n, v)| (n == 4).then_some(v).and_then(|v| v.ok()))
+        .context("no online_cpus")
+}
+
 fn boot_and_shutdown(vcpus: u8) -> Result<()> {
     let Some(g) = guest() else {
         eprintln!("HUSK_TEST_VMLINUX/HUSK_TEST_INITRAMFS not set: skipping");
         return Ok(());
     };
     let mut vm = start_vm(&g, vcpus, "")?;
-    let ready = vm.ready.recv_timeout(BOOT_TIMEOUT).context("no guest ready line")?;
+    let ready = vm
+        .ready
+        .recv_timeout(BOOT_TIMEOUT)
+        .context("no guest ready line")?;
     eprintln!("{ready}");
     let mut s = connect(&vm.uds, 1024)?;
     let check = ttrpc_call(&mut s, 1, "husk.agent.v1.Health", "Check")?;
@@ -159,7 +217,13 @@ fn boot_and_shutdown(vcpus: u8) -> Result<()> {
     if !check.windows(2).any(|w| w == [0x08, 0x01]) {
         bail!("Health.Check did not report SERVING: {check:02x?}");
     }
-    ttrpc_call(&mut s, 3, "husk.agent.v1.Agent", "Shutdown")?;
+    let details = ttrpc_call(&mut s, 3, "husk.agent.v1.Agent", "GetGuestDetails")?;
+    assert_eq!(
+        online_cpus(&details)?,
+        u64::from(vcpus),
+        "the guest sees every vCPU"
+    );
+    ttrpc_call(&mut s, 5, "husk.agent.v1.Agent", "Shutdown")?;
     let status = wait_status(&mut vm.child, BOOT_TIMEOUT)?;
     assert_eq!(status, 0, "a clean agent shutdown ends husk-vmm with 0");
     assert!(!vm.uds.exists(), "the vsock socket is removed on exit");
@@ -195,7 +259,9 @@ fn sigterm_stops_the_vm_with_status_4() -> Result<()> {
         return Ok(());
     };
     let mut vm = start_vm(&g, 1, "")?;
-    vm.ready.recv_timeout(BOOT_TIMEOUT).context("no guest ready line")?;
+    vm.ready
+        .recv_timeout(BOOT_TIMEOUT)
+        .context("no guest ready line")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(vm.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -328,3 +328,96 @@ mod tests {
         assert_eq!(median(std::iter::empty()), None);
     }
 }
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to measure.
+    #[command(subcommand)]
+    pub what: Bench,
+}
+
+/// The benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum Bench {
+    /// Launch → agent ready, husk-vmm vs QEMU microvm, and husk-vmm's memory overhead.
+    Boot {
+        /// Runs per VMM (interleaved).
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem_mib: u32,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Run here, assuming a KVM that boots Linux (used inside the lab).
+        #[arg(long, hide = true)]
+        inner: bool,
+    },
+}
+
+/// Runs a benchmark, in the lab where this host's KVM cannot boot Linux.
+pub fn run(args: &Args) -> Result<()> {
+    let Bench::Boot {
+        runs,
+        mem_mib,
+        vcpus,
+        inner,
+    } = &args.what;
+    let from_env = |v: &str| -> Result<PathBuf> {
+        std::env::var_os(v)
+            .map(PathBuf::from)
+            .with_context(|| format!("{v} is not set"))
+    };
+    if *inner {
+        let b = BootBench {
+            vmm: from_env("HUSK_VMM")?,
+            kernel: from_env("HUSK_KERNEL")?,
+            initrd: from_env("HUSK_INITRD")?,
+            runs: *runs,
+            mem_mib: *mem_mib,
+            vcpus: *vcpus,
+        };
+        check_inputs(&[&b.vmm, &b.kernel, &b.initrd])?;
+        return run_boot_inner(&b);
+    }
+    crate::setup::ensure()?;
+    let parts = crate::test::step("build husk-vmm (release) and the guest", crate::test::build_parts)?;
+    let mode = crate::lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
+    let argv: Vec<String> = vec![
+        std::env::current_exe()?.display().to_string(),
+        "bench".into(),
+        "boot".into(),
+        "--inner".into(),
+        "--runs".into(),
+        runs.to_string(),
+        "--mem-mib".into(),
+        mem_mib.to_string(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+    ];
+    let env = parts.env(mode);
+    let code = match mode {
+        crate::lab::KvmMode::Direct => {
+            eprintln!("bench: running directly on this host's KVM");
+            Command::new(&argv[0])
+                .args(&argv[1..])
+                .envs(env)
+                .status()?
+                .code()
+                .unwrap_or(128)
+        }
+        crate::lab::KvmMode::Lab => {
+            eprintln!(
+                "bench: this host's /dev/kvm cannot boot Linux; measuring inside the lab \
+                 (QEMU-TCG L1 with nested KVM): absolute times are the lab's, the ratio is the figure"
+            );
+            crate::lab::run(&argv, &env, Duration::from_secs(3 * 3600))?.exit_code
+        }
+    };
+    if code != 0 {
+        bail!("the benchmark failed (exit status {code})");
+    }
+    Ok(())
+}

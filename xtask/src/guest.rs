@@ -46,18 +46,22 @@ pub fn build_kernel() -> Result<PathBuf> {
     kernel::build()
 }
 
-/// The `guest` subcommand.
+/// The `guest` subcommand: builds, then prints `vmlinux=` and `initramfs=` lines.
 pub fn run(args: &Args) -> Result<()> {
     crate::setup::ensure()?;
     let vmlinux = kernel::build()?;
-    println!("vmlinux={}", vmlinux.display());
-    if args.kernel_only {
-        return Ok(());
-    }
-    let init = match &args.init {
-        Some(path) => path.clone(),
-        None => initramfs::build_agent()?,
+    let initramfs = if args.kernel_only {
+        None
+    } else {
+        let init = match &args.init {
+            Some(path) => path.clone(),
+            None => initramfs::build_agent()?,
+        };
+        Some(initramfs::pack(&init)?)
     };
-    println!("initramfs={}", initramfs::pack(&init)?.display());
+    println!("vmlinux={}", vmlinux.display());
+    if let Some(initramfs) = initramfs {
+        println!("initramfs={}", initramfs.display());
+    }
     Ok(())
 }

@@ -13,10 +13,17 @@
 //!
 //! Library use: [`run`] or [`LabRun`]; [`kvm_mode`]/[`probe_host_kvm`] decide whether the
 //! lab is needed at all.
+//!
+//! Environment: the command sees `HUSK_IN_LAB=1` and `HUSK_CACHE` (always set); the
+//! caller's `PATH`, `HOME`, `USER`, `RUST_*` test/log variables, `CARGO_TARGET_DIR` and
+//! every `HUSK_*` pass through; `--env K=V` adds more. The command's stdin is
+//! `/dev/null`, its stdout and stderr both arrive on our stdout (one serial line).
+//! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr. `/tmp` and `/run` in the
+//! lab are fresh tmpfs; everything else outside the shares is read-only.
 
 mod console;
 mod image;
-mod probe;
+pub mod probe;
 mod qemu;
 
 use std::fs;
@@ -29,10 +36,6 @@ use tracing::{info, warn};
 
 use crate::cache;
 pub use probe::{build_vmm, kvm_mode, probe_host_kvm, KvmMode, HUSK_KVM_MODE_ENV};
-/// `cargo xtask kvm-mode`.
-pub mod kvm_mode_cmd {
-    pub use super::probe::{run_command, Args};
-}
 pub use qemu::Output;
 
 /// Environment variables passed from the caller into the lab (plus every `HUSK_*`).
@@ -205,7 +208,8 @@ impl LabRun {
 
     /// The command's environment: the passed-through set, the run's own, and the markers.
     fn environment(&self) -> Result<Vec<(String, String)>> {
-        let mut env: Vec<(String, String)> = std::env::vars()
+        let mut env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| PASSED_ENV.contains(&k.as_str()) || k.starts_with("HUSK_"))
             .collect();
         env.push((

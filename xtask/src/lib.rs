@@ -3,9 +3,12 @@
 //! dispatcher.
 #![warn(missing_docs)]
 
+pub mod bench;
+pub mod boot_check;
 pub mod cache;
 pub mod cpio;
 pub mod guest;
 pub mod lab;
 pub mod process;
 pub mod setup;
+pub mod test;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{guest, lab, setup};
+use xtask::{bench, boot_check, guest, lab, setup, test};
 
 /// husk's build, lab, test and benchmark orchestration.
 #[derive(Debug, Parser)]
@@ -26,7 +26,15 @@ enum Cmd {
     /// Run a command in the lab: an L1 Linux under QEMU TCG with a working /dev/kvm.
     Lab(lab::Args),
     /// Probe whether this host's /dev/kvm boots the guest: prints `direct` or `lab`.
-    KvmMode(lab::kvm_mode_cmd::Args),
+    KvmMode(lab::probe::Args),
+    /// Run the whole test suite (what CI runs).
+    Test(test::Args),
+    /// Boot the guest once and print `agent ready: version=… kernel=… boot_ms=…`.
+    BootCheck(boot_check::Args),
+    /// The README's first command: set up, build and show husk working.
+    Demo(boot_check::Args),
+    /// Benchmarks (BENCHMARKS.md).
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -47,6 +55,9 @@ fn main() -> Result<()> {
             let code = lab::run_command(&args)?;
             std::process::exit(code);
         }
-        Cmd::KvmMode(args) => lab::kvm_mode_cmd::run_command(&args),
+        Cmd::KvmMode(args) => lab::probe::run_command(&args),
+        Cmd::Test(args) => test::run(&args),
+        Cmd::BootCheck(args) | Cmd::Demo(args) => boot_check::run(&args),
+        Cmd::Bench(args) => bench::run(&args),
     }
 }

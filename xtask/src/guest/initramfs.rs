@@ -22,6 +22,10 @@ const RECIPE: &str = "guest-initramfs-v1";
 const CONSOLE_MAJOR: u32 = 5;
 const CONSOLE_MINOR: u32 = 1;
 
+/// The cargo profile of guest binaries (root Cargo.toml): small, and `panic = "abort"` so an
+/// agent panic ends PID 1 and shows as a guest panic instead of a half-alive agent.
+pub const GUEST_PROFILE: &str = "guest";
+
 /// Builds `husk-agent` for the guest and returns the path of the static binary.
 pub fn build_agent() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -32,7 +36,8 @@ pub fn build_agent() -> Result<PathBuf> {
             "build",
             "-p",
             "husk-agent",
-            "--release",
+            "--profile",
+            GUEST_PROFILE,
             "--target",
             MUSL_TARGET,
         ])
@@ -41,12 +46,12 @@ pub fn build_agent() -> Result<PathBuf> {
     if !status.success() {
         bail!(
             "Building husk-agent failed ({status}): the guest initramfs needs a compiling agent \
-             (`cargo build -p husk-agent --release --target {MUSL_TARGET}`)"
+             (`cargo build -p husk-agent --profile {GUEST_PROFILE} --target {MUSL_TARGET}`)"
         );
     }
     Ok(cache::target_dir()
         .join(MUSL_TARGET)
-        .join("release")
+        .join(GUEST_PROFILE)
         .join("husk-agent"))
 }
 

@@ -28,7 +28,15 @@ const APPLETS: &[&str] = &[
 /// Modules the lab loads, in this order (each after its dependencies): KVM first, so
 /// `/dev/kvm` appears as early as possible, then virtio-mmio and 9p for the shares, then
 /// overlayfs for container snapshots inside the lab.
-pub const LAB_MODULES: &[&str] = &["kvm-amd", "virtio_mmio", "9pnet_virtio", "9p", "overlay"];
+pub const LAB_MODULES: &[&str] = &[
+    "kvm-amd",
+    "virtio_mmio",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    // QEMU's vsock for the boot benchmark baseline (husk-vmm's vsock is in user space).
+    "vhost_vsock",
+];
 /// The `console` device node (`Documentation/admin-guide/devices.txt`).
 const CONSOLE_MAJOR: u32 = 5;
 const CONSOLE_MINOR: u32 = 1;

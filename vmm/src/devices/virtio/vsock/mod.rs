@@ -65,8 +65,10 @@ pub mod defs {
     pub const VSOCK_PKT_HDR_SIZE: usize = 44;
     /// Largest payload we accept or send in one packet (linux `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
     pub const MAX_PKT_BUF_SIZE: u32 = 64 * 1024;
-    /// Receive buffer we advertise per connection (`buf_alloc`); bounds buffered guest data.
-    pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+    /// Receive buffer we advertise per connection (`buf_alloc`); bounds the guest data we may
+    /// have to buffer when a host socket is slow. With [`MAX_CONNECTIONS`] this caps what a
+    /// hostile guest can make the VMM hold at 32 MiB.
+    pub const CONN_BUF_ALLOC: u32 = 128 * 1024;
     /// Send a CREDIT_UPDATE once this many forwarded bytes have not been reported.
     pub const CONN_CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
     /// First host port handed to host-initiated connections (as Firecracker does).
@@ -77,7 +79,7 @@ pub mod defs {
     /// stop reading the tx queue until the guest gives us rx buffers.
     pub const MAX_PENDING_CONTROL: usize = 256;
     /// Most simultaneous connections.
-    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_CONNECTIONS: usize = 256;
 }
 
 /// Errors of the vsock device and its host side.

@@ -51,6 +51,20 @@ pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
     port.parse().ok()
 }
 
+/// Connects to a host Unix socket without ever blocking the event loop: a listener whose
+/// backlog is full makes this fail with `EAGAIN` instead of waiting.
+fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
 /// The hybrid vsock multiplexer.
 #[derive(Debug)]
 pub struct VsockMuxer {
@@ -198,9 +212,9 @@ impl VsockMuxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
-        let stream = match UnixStream::connect(&path) {
-            Ok(s) if s.set_nonblocking(true).is_ok() => s,
-            _ => {
+        let stream = match connect_nonblocking(&path) {
+            Ok(s) => s,
+            Err(_) => {
                 tracing::debug!(port = hdr.dst_port, "vsock: no host listener, refusing");
                 self.queue_rst(hdr);
                 return;

@@ -169,7 +169,10 @@ impl Vm {
             cmd.arg("--cmdline-extra").arg(extra);
         }
         let child = cmd
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -49,7 +49,10 @@ fn agent_answers_health_version_and_guest_details_then_shuts_down_cleanly() {
         ..Default::default()
     };
     let mut vm = Vm::boot(&opts);
-    eprintln!("guest ready after {} ms (husk-vmm's boot timer)", vm.boot_ms);
+    eprintln!(
+        "guest ready after {} ms (husk-vmm's boot timer)",
+        vm.boot_ms
+    );
     runtime().block_on(async {
         let client = connect(&vm).await;
         client.check().await.expect("Health.Check");

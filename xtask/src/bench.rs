@@ -68,7 +68,11 @@ pub fn run_boot_inner(b: &BootBench) -> Result<()> {
         b.runs, b.mem_mib, b.vcpus
     );
     for i in 0..b.runs {
-        let order: [bool; 2] = if i % 2 == 0 { [true, false] } else { [false, true] };
+        let order: [bool; 2] = if i % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for is_husk in order {
             let (name, series, res) = if is_husk {
                 ("husk-vmm", &mut husk, boot_husk(b))
@@ -218,14 +222,25 @@ fn boot_qemu(b: &BootBench, tsc_khz: Option<&str>) -> Result<Sample> {
     let start = Instant::now();
     let child = Command::new("qemu-system-x86_64")
         .args(["-enable-kvm", "-cpu", "host"])
-        .args(["-M", "microvm,x-option-roms=off,acpi=off,memory-backend=mem"])
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,acpi=off,memory-backend=mem",
+        ])
         .args([
             "-object",
             &format!("memory-backend-memfd,id=mem,size={}M", b.mem_mib),
         ])
-        .args(["-smp", &b.vcpus.to_string(), "-m", &format!("{}M", b.mem_mib)])
+        .args([
+            "-smp",
+            &b.vcpus.to_string(),
+            "-m",
+            &format!("{}M", b.mem_mib),
+        ])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", &format!("file:{}", dir.path().join("console.log").display())])
+        .args([
+            "-serial",
+            &format!("file:{}", dir.path().join("console.log").display()),
+        ])
         .args(["-device", "vhost-vsock-device,guest-cid=3"])
         .args([
             "-chardev",
@@ -383,7 +398,10 @@ pub fn run(args: &Args) -> Result<()> {
         return run_boot_inner(&b);
     }
     crate::setup::ensure()?;
-    let parts = crate::test::step("build husk-vmm (release) and the guest", crate::test::build_parts)?;
+    let parts = crate::test::step(
+        "build husk-vmm (release) and the guest",
+        crate::test::build_parts,
+    )?;
     let mode = crate::lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
     let argv: Vec<String> = vec![
         std::env::current_exe()?.display().to_string(),

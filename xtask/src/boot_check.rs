@@ -68,7 +68,10 @@ pub fn run(args: &Args) -> Result<()> {
             ];
             let outcome = lab::run(&argv, &parts.env(mode), Duration::from_secs(600))?;
             if outcome.exit_code != 0 {
-                bail!("boot-check failed in the lab (exit status {})", outcome.exit_code);
+                bail!(
+                    "boot-check failed in the lab (exit status {})",
+                    outcome.exit_code
+                );
             }
             Ok(())
         }
@@ -83,7 +86,9 @@ fn env_path(var: &str) -> Result<std::path::PathBuf> {
 
 /// Boots, queries and shuts down one guest; returns the summary line.
 fn check(parts: &Parts, args: &Args) -> Result<String> {
-    let dir = tempfile::Builder::new().prefix("husk-boot-check").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("husk-boot-check")
+        .tempdir()?;
     let uds = dir.path().join("vsock.sock");
     let console = dir.path().join("console.log");
     let mut child = Command::new(&parts.vmm)
@@ -121,9 +126,9 @@ fn check(parts: &Parts, args: &Args) -> Result<String> {
         log
     });
     let result = (|| -> Result<String> {
-        let boot_ms = rx
-            .recv_timeout(READY_TIMEOUT)
-            .map_err(|_| anyhow::anyhow!("the guest did not announce ready within {READY_TIMEOUT:?}"))?;
+        let boot_ms = rx.recv_timeout(READY_TIMEOUT).map_err(|_| {
+            anyhow::anyhow!("the guest did not announce ready within {READY_TIMEOUT:?}")
+        })?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

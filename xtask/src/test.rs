@@ -66,7 +66,9 @@ pub fn run(args: &Args) -> Result<()> {
         cargo(&root, &["test", "-p", INTEGRATION_CRATE, "--lib"])
     })?;
     let parts = step("build husk-vmm (release) and the guest", build_parts)?;
-    let binaries = step("build the component tests", || component_test_binaries(&root))?;
+    let binaries = step("build the component tests", || {
+        component_test_binaries(&root)
+    })?;
     let mode = lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
     eprintln!(
         "==> component tests run {}",

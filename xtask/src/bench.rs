@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// The guest command line both VMMs boot with (husk-vmm builds its own identical base line).
-const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1";
+const BASE_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 /// How long one boot may take before it counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 

@@ -6,13 +6,25 @@
 //!
 //! Started as any other process (development, tests) it only serves:
 //! `husk-agent --listen unix:/tmp/agent.sock`; it never mounts, reboots or touches I/O ports,
-//! and `Shutdown` or SIGTERM/SIGINT make it exit 0.
+//! and `Shutdown` or SIGTERM/SIGINT make it exit 0. It then makes itself a child subreaper,
+//! so container processes are handed to it as they are to PID 1 in a guest.
+//!
+//! `husk-agent __container-helper` is the agent's own single-threaded helper for the
+//! libcontainer calls that clone processes ([`container::helper`]); it is not a user command.
 
+mod cgroup;
+mod container;
 mod init;
 mod mount;
+mod process;
 mod reaper;
 mod rpc;
+mod safepath;
+mod sandbox;
+mod seccomp;
 mod server;
+mod spec;
+mod stdio;
 mod sysinfo;
 
 use std::sync::Arc;
@@ -28,9 +40,18 @@ use crate::server::{AgentServer, ListenAddr};
 
 const USAGE: &str = "usage: husk-agent [--listen vsock:PORT|unix:PATH]";
 /// Log level variable when not running as PID 1 (as PID 1: `husk.log=` on the kernel command line).
-const LOG_ENV: &str = "HUSK_AGENT_LOG";
+const LOG_ENV: &str = container::helper::HELPER_LOG_ENV;
 
 fn main() {
+    if container::helper::invoked() {
+        // No runtime, no threads: see container::helper for why.
+        init_logging(
+            std::env::var(container::helper::HELPER_LOG_ENV)
+                .ok()
+                .as_deref(),
+        );
+        std::process::exit(container::helper::serve());
+    }
     let started = std::time::Instant::now();
     let result = if init::is_pid1() {
         run_as_init(started)
@@ -46,10 +67,26 @@ fn main() {
 }
 
 /// One subscriber for the whole binary: compact lines on stderr (the console as PID 1).
+///
+/// The writer is a close-on-exec duplicate of stderr taken now, not fd 2: libcontainer logs
+/// from the container processes it forks after it has moved the container's stdio onto
+/// fds 0–2, and those lines belong on the console, never in the container's output.
 fn init_logging(level: Option<&str>) {
+    use std::os::fd::AsFd as _;
     let parsed = level.map(str::parse::<LevelFilter>);
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+    let console = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .map(std::sync::Arc::new);
+    let builder = tracing_subscriber::fmt();
+    let builder = match console {
+        Ok(file) => builder.with_writer(tracing_subscriber::fmt::writer::BoxMakeWriter::new(file)),
+        Err(_) => builder.with_writer(tracing_subscriber::fmt::writer::BoxMakeWriter::new(
+            std::io::stderr,
+        )),
+    };
+    builder
         .with_ansi(false)
         .without_time()
         .with_max_level(match parsed {
@@ -130,8 +167,12 @@ fn run_as_process() -> anyhow::Result<()> {
         }
     }
     init_logging(std::env::var(LOG_ENV).ok().as_deref());
+    // Container processes outlive the helper that made them; they must come to us, not to
+    // the host's init, for the reaper to report their exits.
+    nix::sys::prctl::set_child_subreaper(true).context("Cannot become a child subreaper")?;
 
     runtime()?.block_on(async {
+        tokio::spawn(reaper::run());
         let shutdown = Arc::new(Notify::new());
         let server = AgentServer::start(listen.clone(), shutdown.clone()).await?;
         info!(%listen, "husk-agent ready (not PID 1: no mounts, no reboot)");

@@ -9,12 +9,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use husk_agent_api::AGENT_VSOCK_PORT;
+use husk_agent_api::{AGENT_VSOCK_PORT, STDIO_VSOCK_PORT};
 use tokio::sync::Notify;
 use tracing::debug;
 use ttrpc::r#async::Server;
 
+use crate::container::Containers;
 use crate::rpc::{AgentService, HealthService};
+use crate::stdio::{self, StdioError, StdioHub};
 
 /// How long a stopping vsock server leaves the guest kernel (and the VMM) to move the last
 /// reply out of the socket before the VM resets. vsock has no "send queue empty" query in
@@ -39,6 +41,9 @@ pub enum ServerError {
     /// Cannot start the ttrpc server
     #[error("Cannot start the ttrpc server")]
     Start(#[source] ttrpc::Error),
+    /// Cannot start the stdio listener
+    #[error("Cannot start the stdio listener")]
+    Stdio(#[source] StdioError),
 }
 
 /// Where the server listens.
@@ -86,6 +91,19 @@ impl std::fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Starts the stdio stream listener that goes with this address: vsock port 1025, or
+    /// `<path>.stdio` next to a Unix socket.
+    fn listen_stdio(&self, hub: Arc<StdioHub>) -> Result<(), StdioError> {
+        match self {
+            Self::Vsock { .. } => stdio::listen_vsock(STDIO_VSOCK_PORT, hub),
+            Self::Unix(path) => {
+                let mut p = path.clone().into_os_string();
+                p.push(".stdio");
+                stdio::listen_unix(std::path::Path::new(&p), hub)
+            }
+        }
+    }
+
     /// The address in ttrpc's URI form.
     fn ttrpc_uri(&self) -> String {
         match self {
@@ -116,6 +134,10 @@ impl AgentServer {
     /// Binds `addr` and starts serving. When this returns the socket is listening, so the
     /// caller may announce readiness. `shutdown` is notified by the `Shutdown` RPC.
     pub async fn start(addr: ListenAddr, shutdown: Arc<Notify>) -> Result<Self, ServerError> {
+        let hub = Arc::new(StdioHub::default());
+        addr.listen_stdio(hub.clone()).map_err(ServerError::Stdio)?;
+        let containers = Containers::new(hub);
+        tokio::spawn(containers.clone().watch_oom());
         let mut server = Server::new()
             .bind(&addr.ttrpc_uri())
             .map_err(|source| ServerError::Listen {
@@ -124,7 +146,7 @@ impl AgentServer {
             })?
             .register_service(husk_agent_api::create_health(Arc::new(HealthService)))
             .register_service(husk_agent_api::create_agent(Arc::new(AgentService::new(
-                shutdown,
+                shutdown, containers,
             ))));
         server.start().await.map_err(ServerError::Start)?;
         debug!(%addr, "listening");

@@ -7,6 +7,9 @@
 
 #![warn(missing_docs)]
 
+pub mod containerd;
+pub mod pod;
+pub mod virtiofsd;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -49,6 +49,10 @@ pub struct VmOptions {
     pub cmdline_extra: Option<String>,
     /// How long the guest may take to announce ready.
     pub ready_timeout: Duration,
+    /// The initramfs to boot instead of `$HUSK_INITRD` (e.g. `$HUSK_FS_PROBE_INITRD`).
+    pub initrd: Option<PathBuf>,
+    /// Add a virtio-fs device: virtiofsd's vhost-user socket and the mount tag.
+    pub fs: Option<(PathBuf, String)>,
 }
 
 impl Default for VmOptions {
@@ -58,6 +62,8 @@ impl Default for VmOptions {
             mem_mib: 256,
             cmdline_extra: None,
             ready_timeout: Duration::from_secs(120),
+            initrd: None,
+            fs: None,
         }
     }
 }
@@ -85,11 +91,23 @@ impl Vm {
     /// Boots a guest and waits for the agent to announce ready, retrying lab-induced early
     /// guest deaths within the budget. Panics (fails the test) on anything else.
     pub fn boot(opts: &VmOptions) -> Vm {
+        Self::boot_with(opts, |_| ()).0
+    }
+
+    /// [`Vm::boot`], calling `prepare` before every attempt to start what the VM needs
+    /// afresh (virtiofsd serves one VMM connection) and adjust the options; returns the VM
+    /// with what the last `prepare` returned. What earlier attempts prepared is dropped.
+    pub fn boot_with<T: std::fmt::Debug>(
+        opts: &VmOptions,
+        mut prepare: impl FnMut(&mut VmOptions) -> T,
+    ) -> (Vm, T) {
         loop {
-            match Self::attempt(opts) {
-                Attempt::Ready(vm) => return vm,
+            let mut opts = opts.clone();
+            let prepared = prepare(&mut opts);
+            match Self::attempt(&opts) {
+                Attempt::Ready(vm) => return (vm, prepared),
                 Attempt::GuestLost(vm, why) => {
-                    let diag = vm.diagnostics();
+                    let diag = format!("{}\n--- prepared: {prepared:?}", vm.diagnostics());
                     let in_lab = kvm_mode() == "lab";
                     let used = LAB_RETRIES_USED.fetch_add(1, Ordering::SeqCst) + 1;
                     if !in_lab || used > LAB_RETRY_BUDGET {
@@ -144,7 +162,10 @@ impl Vm {
     pub fn spawn(opts: &VmOptions) -> Vm {
         let vmm = required_path("HUSK_VMM");
         let kernel = required_path("HUSK_KERNEL");
-        let initrd = required_path("HUSK_INITRD");
+        let initrd = opts
+            .initrd
+            .clone()
+            .unwrap_or_else(|| required_path("HUSK_INITRD"));
         let dir = tempfile::Builder::new()
             .prefix("husk-test-vm")
             .tempdir()
@@ -167,6 +188,9 @@ impl Vm {
             .arg(&console);
         if let Some(extra) = &opts.cmdline_extra {
             cmd.arg("--cmdline-extra").arg(extra);
+        }
+        if let Some((socket, tag)) = &opts.fs {
+            cmd.arg("--fs-socket").arg(socket).arg("--fs-tag").arg(tag);
         }
         let child = cmd
             .env(

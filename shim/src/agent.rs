@@ -5,6 +5,7 @@
 //! the VMM closes every connection after `CONNECT`. After that every RPC has a timeout, and
 //! every reply, written by a guest we do not trust, is validated before it is returned.
 
+mod containers;
 mod handshake;
 #[cfg(test)]
 mod tests;
@@ -21,7 +22,10 @@ use husk_agent_api::agent_ttrpc;
 use tokio::net::UnixStream;
 use tracing::debug;
 
+pub use containers::{open_stdio_stream, StdioStreamError, STDIO_VSOCK_PORT};
 pub use handshake::HandshakeError;
+pub use husk_agent_api::agent::{CreateSandboxRequest, ShareSource, StdioConfig};
+pub use husk_agent_api::stdio::{StreamHeader, StreamKind};
 /// The agent's guest port, for [`AgentClient::connect`].
 pub use husk_agent_api::AGENT_VSOCK_PORT;
 

@@ -23,6 +23,7 @@ use crate::devices::legacy::serial::{
     ConsoleWriter, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT,
 };
 use crate::devices::legacy::IrqFdTrigger;
+use crate::devices::virtio::fs::{FsDevice, FsError, FsHandler, VhostUserFs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{VsockDevice, VsockHandler};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
@@ -65,6 +66,9 @@ pub enum BuildError {
     /// Device setup failed
     #[error("Cannot set up the vsock device")]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// virtio-fs setup failed
+    #[error("Cannot set up the virtio-fs device")]
+    Fs(#[from] FsError),
     /// Bus setup failed
     #[error("Cannot place a device")]
     Bus(#[from] crate::devices::BusError),
@@ -223,6 +227,41 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         layout::VIRTIO_MMIO_WINDOW_SIZE,
         Arc::new(Mutex::new(transport)),
     )?;
+    let mut virtio_windows = vec![(vsock_base, vsock_irq)];
+
+    // virtio-fs (vhost-user, served by virtiofsd) in the next window.
+    let mut fs_handler = None;
+    if let Some(fs) = &config.fs {
+        let base = vsock_base + layout::VIRTIO_MMIO_WINDOW_SIZE;
+        let irq = vsock_irq + 1;
+        let backend = VhostUserFs::connect(&fs.socket)?;
+        let socket = backend
+            .socket()
+            .try_clone_to_owned()
+            .map_err(FsError::SocketDup)?;
+        let device = FsDevice::new(backend, &fs.tag, fs.queue_size, exit.clone())?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&vm, irq)?));
+        for (index, evt) in device.queue_events().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+            vm.register_ioevent(evt, &addr, index as u32)
+                .map_err(vm_err("KVM_IOEVENTFD"))?;
+        }
+        fs_handler = Some(FsHandler::new(
+            device.call_events()?,
+            socket,
+            interrupt.clone(),
+            exit.clone(),
+            fs.socket.display().to_string(),
+        ));
+        let transport = MmioTransport::new(Arc::new(Mutex::new(device)), mem.clone(), interrupt);
+        mmio.insert(
+            base,
+            layout::VIRTIO_MMIO_WINDOW_SIZE,
+            Arc::new(Mutex::new(transport)),
+        )?;
+        virtio_windows.push((base, irq));
+        tracing::info!(socket = %fs.socket.display(), tag = %fs.tag, "virtio-fs device connected to virtiofsd");
+    }
 
     // vCPUs (vCPU 0 first: KVM_GET_TSC_KHZ is a vCPU ioctl).
     let supported_cpuid = kvm
@@ -248,11 +287,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         Some(path) => Some(arch::load_initrd(&mem, path, boot.kernel_end)?),
         None => None,
     };
-    let cmdline = build_cmdline(
-        tsc_khz,
-        &[(vsock_base, vsock_irq)],
-        config.cmdline_extra.as_deref(),
-    );
+    let cmdline = build_cmdline(tsc_khz, &virtio_windows, config.cmdline_extra.as_deref());
     tracing::debug!(%cmdline, entry = format!("{:#x}", boot.entry.raw_value()), "booting");
     arch::load_cmdline(&mem, &cmdline)?;
     arch::mptable::setup_mptable(&mem, config.vcpus).map_err(arch::BootError::from)?;
@@ -278,6 +313,11 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     event_loop
         .add_subscriber(Box::new(VsockHandler(vsock.clone())))
         .map_err(BuildError::Thread)?;
+    if let Some(handler) = fs_handler {
+        event_loop
+            .add_subscriber(Box::new(handler))
+            .map_err(BuildError::Thread)?;
+    }
     let loop_exit = exit.clone();
     std::thread::Builder::new()
         .name("husk-events".into())

@@ -74,6 +74,26 @@ pub struct CliArgs {
     /// Extra text appended to the guest kernel command line.
     #[arg(long = "cmdline-extra", value_name = "STR")]
     pub cmdline_extra: Option<String>,
+    /// vhost-user socket of a running virtiofsd: adds a virtio-fs device (needs --fs-tag).
+    #[arg(long = "fs-socket", value_name = "PATH", requires = "fs_tag")]
+    pub fs_socket: Option<PathBuf>,
+    /// Tag the guest mounts the virtio-fs device by (`mount -t virtiofs TAG DIR`), 1..=36 bytes.
+    #[arg(long = "fs-tag", value_name = "TAG", requires = "fs_socket")]
+    pub fs_tag: Option<String>,
+    /// Size of each virtio-fs queue (a power of two up to 32768).
+    #[arg(long = "fs-queue-size", value_name = "N", default_value_t = crate::devices::virtio::fs::defs::DEFAULT_QUEUE_SIZE)]
+    pub fs_queue_size: u16,
+}
+
+/// A virtio-fs device served by virtiofsd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    /// Mount tag.
+    pub tag: String,
+    /// Size of each queue.
+    pub queue_size: u16,
 }
 
 /// Validated configuration of one VM.
@@ -95,6 +115,8 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Extra kernel command line.
     pub cmdline_extra: Option<String>,
+    /// Optional virtio-fs device.
+    pub fs: Option<FsConfig>,
 }
 
 /// A semantically invalid command line.
@@ -146,6 +168,15 @@ pub enum ConfigError {
         "--cmdline-extra is longer than {MAX_CMDLINE_EXTRA_LEN} bytes or contains a NUL or newline"
     )]
     CmdlineExtra,
+    /// Bad virtio-fs tag
+    #[error("--fs-tag must be 1..=36 bytes without NUL, got {0:?}")]
+    FsTag(String),
+    /// Bad virtio-fs queue size
+    #[error("--fs-queue-size {0} is not a power of two in 2..=32768")]
+    FsQueueSize(u16),
+    /// The virtiofsd socket is not there
+    #[error("virtiofsd socket {0} does not exist or is not a socket (start virtiofsd first)")]
+    FsSocketMissing(PathBuf),
 }
 
 /// ELF magic, `\x7fELF` (elf.h `ELFMAG`).
@@ -164,6 +195,8 @@ impl ConfigError {
                 | Self::Cid(_)
                 | Self::CmdlineExtra
                 | Self::UdsTooLong(_)
+                | Self::FsTag(_)
+                | Self::FsQueueSize(_)
         )
     }
 }
@@ -193,6 +226,10 @@ impl CliArgs {
                 return Err(ConfigError::CmdlineExtra);
             }
         }
+        let fs = match (self.fs_socket, self.fs_tag) {
+            (Some(socket), Some(tag)) => Some(check_fs(socket, tag, self.fs_queue_size)?),
+            _ => None,
+        };
         Ok(VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
@@ -202,8 +239,28 @@ impl CliArgs {
             vsock_cid: self.vsock_cid,
             console: self.console,
             cmdline_extra: self.cmdline_extra,
+            fs,
         })
     }
+}
+
+fn check_fs(socket: PathBuf, tag: String, queue_size: u16) -> Result<FsConfig, ConfigError> {
+    use crate::devices::virtio::fs::defs::{MAX_QUEUE_SIZE, TAG_LEN};
+    if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+        return Err(ConfigError::FsTag(tag));
+    }
+    if !queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&queue_size) {
+        return Err(ConfigError::FsQueueSize(queue_size));
+    }
+    let is_socket = std::fs::metadata(&socket).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return Err(ConfigError::FsSocketMissing(socket));
+    }
+    Ok(FsConfig {
+        socket,
+        tag,
+        queue_size,
+    })
 }
 
 fn check_kernel(path: &Path) -> Result<(), ConfigError> {
@@ -354,6 +411,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ConfigError::InitrdUnreadable { .. }));
+    }
+
+    #[test]
+    fn fs_options_are_checked() {
+        let k = elf_file();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let fs_sock = dir.path().join("fs.sock");
+        let fs = fs_sock.to_str().unwrap();
+        assert!(parse(&["--kernel", "k", "--vsock-uds", "u", "--fs-socket", fs]).is_err());
+        let e = validate_with(&["--fs-socket", fs, "--fs-tag", "husk"], k.path(), &uds);
+        assert!(matches!(e, Err(ConfigError::FsSocketMissing(_))));
+        assert!(!e.unwrap_err().is_usage());
+        let _listener = std::os::unix::net::UnixListener::bind(&fs_sock).unwrap();
+        let long = "x".repeat(37);
+        let e = validate_with(&["--fs-socket", fs, "--fs-tag", &long], k.path(), &uds);
+        assert!(matches!(e, Err(ConfigError::FsTag(_))));
+        let e = validate_with(
+            &[
+                "--fs-socket",
+                fs,
+                "--fs-tag",
+                "husk",
+                "--fs-queue-size",
+                "1000",
+            ],
+            k.path(),
+            &uds,
+        );
+        assert!(matches!(e, Err(ConfigError::FsQueueSize(1000))));
+        let cfg = validate_with(&["--fs-socket", fs, "--fs-tag", "husk"], k.path(), &uds).unwrap();
+        let fs_cfg = cfg.fs.unwrap();
+        assert_eq!(fs_cfg.tag, "husk");
+        assert_eq!(fs_cfg.queue_size, 1024);
+        assert!(validate_with(&[], k.path(), &uds).unwrap().fs.is_none());
     }
 
     #[test]

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod ctr;
+mod exec;
+mod fs;
+
 /// The guest command line both VMMs boot with (husk-vmm builds its own identical base line).
 const BASE_CMDLINE: &str =
     "console=ttyS0 quiet reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
@@ -371,16 +375,27 @@ pub enum Bench {
         #[arg(long, hide = true)]
         inner: bool,
     },
+    /// virtio-fs vs the host's own file system: 256 MiB sequential read, 10,000 small files.
+    Fs(fs::FsArgs),
+    /// `ctr run --rm <busybox> true`, husk vs runc, and host memory per idle husk pod.
+    Ctr(ctr::CtrArgs),
+    /// Exec round trip of `true` into a running container (agent in a real guest).
+    Exec(exec::ExecArgs),
 }
 
 /// Runs a benchmark, in the lab where this host's KVM cannot boot Linux.
 pub fn run(args: &Args) -> Result<()> {
-    let Bench::Boot {
-        runs,
-        mem_mib,
-        vcpus,
-        inner,
-    } = &args.what;
+    let (runs, mem_mib, vcpus, inner) = match &args.what {
+        Bench::Boot {
+            runs,
+            mem_mib,
+            vcpus,
+            inner,
+        } => (runs, mem_mib, vcpus, inner),
+        Bench::Fs(fs_args) => return fs::run(fs_args),
+        Bench::Ctr(ctr_args) => return ctr::run(ctr_args),
+        Bench::Exec(exec_args) => return exec::run(exec_args),
+    };
     let from_env = |v: &str| -> Result<PathBuf> {
         std::env::var_os(v)
             .map(PathBuf::from)

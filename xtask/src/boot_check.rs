@@ -39,6 +39,7 @@ pub fn run(args: &Args) -> Result<()> {
             vmm: env_path("HUSK_VMM")?,
             kernel: env_path("HUSK_KERNEL")?,
             initrd: env_path("HUSK_INITRD")?,
+            ..Default::default()
         };
         let line = check(&parts, args)?;
         println!("{line}");

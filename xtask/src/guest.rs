@@ -8,6 +8,7 @@
 mod elf;
 mod initramfs;
 mod kernel;
+mod testdata;
 
 use std::path::PathBuf;
 
@@ -40,6 +41,18 @@ pub fn build() -> Result<GuestArtifacts> {
     let initramfs = initramfs::pack(&agent)?;
     Ok(GuestArtifacts { vmlinux, initramfs })
 }
+
+/// Builds (or finds in the cache) the busybox root file system of the container tests (see
+/// `guest/testdata.rs`).
+pub use testdata::busybox_rootfs;
+
+/// Packs the static binary `init` as `/init` of a cached initramfs (what `--init PATH` does);
+/// used for test-only guests such as `husk-fs-probe`.
+pub fn pack_init(init: &std::path::Path) -> Result<PathBuf> {
+    initramfs::pack(init)
+}
+
+pub use initramfs::GUEST_PROFILE;
 
 /// Builds the guest kernel only.
 pub fn build_kernel() -> Result<PathBuf> {

@@ -238,6 +238,38 @@ pub fn run(command: &[String], env: &[(String, String)], timeout: Duration) -> R
     lab.run()
 }
 
+/// Runs `command` with `env` where a KVM that boots Linux is: directly on this host
+/// ([`KvmMode::Direct`]) or inside the lab, and returns its exit status. In the lab the run's
+/// figures (time to `/dev/kvm`, total, L1 boot retries) are printed.
+pub fn run_where_kvm_boots(
+    command: &[String],
+    env: &[(String, String)],
+    mode: KvmMode,
+    timeout: Duration,
+) -> Result<i32> {
+    let (program, args) = command.split_first().context("No command to run")?;
+    match mode {
+        KvmMode::Direct => {
+            let status = std::process::Command::new(program)
+                .args(args)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .status()
+                .with_context(|| format!("Cannot run {program}"))?;
+            Ok(status.code().unwrap_or(128))
+        }
+        KvmMode::Lab => {
+            let outcome = run(command, env, timeout)?;
+            eprintln!(
+                "lab: /dev/kvm ready after {:.1} s, run took {:.1} s, L1 boot retries: {}",
+                outcome.kvm_ready.as_secs_f64(),
+                outcome.total.as_secs_f64(),
+                outcome.boot_retries
+            );
+            Ok(outcome.exit_code)
+        }
+    }
+}
+
 /// The `lab` subcommand: exits with the command's status.
 pub fn run_command(args: &Args) -> Result<i32> {
     crate::setup::ensure()?;

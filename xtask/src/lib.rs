@@ -8,6 +8,8 @@ pub mod boot_check;
 pub mod cache;
 pub mod cpio;
 pub mod guest;
+pub mod image;
+pub mod install;
 pub mod lab;
 pub mod process;
 pub mod setup;

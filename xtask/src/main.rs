@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{bench, boot_check, guest, lab, setup, test};
+use xtask::{bench, boot_check, guest, image, install, lab, setup, test};
 
 /// husk's build, lab, test and benchmark orchestration.
 #[derive(Debug, Parser)]
@@ -23,6 +23,11 @@ enum Cmd {
     Setup,
     /// Build the guest kernel and initramfs; prints `vmlinux=` and `initramfs=` lines.
     Guest(guest::Args),
+    /// Build the busybox OCI image archive of the end-to-end tests; prints `image=` and `name=`.
+    Image,
+    /// Install husk (binaries, guest, /etc/husk/husk.toml) and print or merge the containerd
+    /// runtime stanza for io.containerd.husk.v2.
+    Install(install::Args),
     /// Run a command in the lab: an L1 Linux under QEMU TCG with a working /dev/kvm.
     Lab(lab::Args),
     /// Probe whether this host's /dev/kvm boots the guest: prints `direct` or `lab`.
@@ -51,6 +56,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
         Cmd::Guest(args) => guest::run(&args),
+        Cmd::Image => image::run(),
+        Cmd::Install(args) => install::run(&args),
         Cmd::Lab(args) => {
             let code = lab::run_command(&args)?;
             std::process::exit(code);

@@ -37,21 +37,28 @@ pub const APT_PACKAGES: &[&str] = &[
 /// The Rust target the guest agent is built for.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
+/// The virtiofsd release we install (crates.io; the newest that builds with our toolchain,
+/// checked with `cargo info virtiofsd`). Bump it here and setup reinstalls.
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+
 /// Installs whatever is missing. Silent when everything is present.
 pub fn ensure() -> Result<()> {
     let missing = missing_packages()?;
     if !missing.is_empty() {
         install_packages(&missing)?;
     }
-    ensure_rust_target()
+    ensure_rust_target()?;
+    ensure_virtiofsd()
 }
 
 /// Runs [`ensure`] and says so: the `setup` subcommand.
 pub fn run() -> Result<()> {
     ensure()?;
     info!(
-        "setup: all {} apt packages and the {MUSL_TARGET} target are present",
-        APT_PACKAGES.len()
+        "setup: all {} apt packages, the {MUSL_TARGET} target and virtiofsd {VIRTIOFSD_VERSION} \
+         ({}) are present",
+        APT_PACKAGES.len(),
+        virtiofsd_path()?.display()
     );
     Ok(())
 }
@@ -127,4 +134,69 @@ fn ensure_rust_target() -> Result<()> {
         bail!("rustup target add {MUSL_TARGET} failed with {status}");
     }
     Ok(())
+}
+
+/// Where setup installs virtiofsd: `$HUSK_CACHE/bin/virtiofsd` (`cargo install --root $HUSK_CACHE`).
+pub fn virtiofsd_path() -> Result<std::path::PathBuf> {
+    Ok(crate::cache::cache_dir()?.join("bin/virtiofsd"))
+}
+
+/// The version `virtiofsd --version` reports (`virtiofsd 1.14.0`), if it runs at all.
+fn installed_virtiofsd_version(path: &std::path::Path) -> Option<String> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+        .filter(|_| out.status.success())
+}
+
+/// Installs virtiofsd [`VIRTIOFSD_VERSION`] when it is missing or another version. It needs
+/// `libseccomp-dev` and `libcap-ng-dev` (in [`APT_PACKAGES`]); the build takes minutes.
+fn ensure_virtiofsd() -> Result<()> {
+    let path = virtiofsd_path()?;
+    let installed = installed_virtiofsd_version(&path);
+    if installed.as_deref() == Some(VIRTIOFSD_VERSION) {
+        return Ok(());
+    }
+    let root = crate::cache::cache_dir()?;
+    warn!(
+        "setup: INSTALLING virtiofsd {VIRTIOFSD_VERSION} into {} (found {}); \
+         `cargo install` builds it from crates.io and takes several minutes",
+        path.display(),
+        installed.as_deref().unwrap_or("none")
+    );
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["install", "virtiofsd", "--locked", "--force", "--version"])
+        .arg(VIRTIOFSD_VERSION)
+        .arg("--root")
+        .arg(&root)
+        .arg("--target-dir")
+        .arg(root.join("build/virtiofsd"))
+        .status()
+        .context("Cannot run cargo install")?;
+    if !status.success() {
+        bail!("cargo install virtiofsd --version {VIRTIOFSD_VERSION} failed with {status}");
+    }
+    match installed_virtiofsd_version(&path) {
+        Some(v) if v == VIRTIOFSD_VERSION => {
+            warn!("setup: installed virtiofsd {v} at {}", path.display());
+            Ok(())
+        }
+        other => bail!(
+            "virtiofsd at {} reports version {other:?} after installing {VIRTIOFSD_VERSION}",
+            path.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtiofsd_lives_in_the_cache() {
+        let p = virtiofsd_path().unwrap();
+        assert!(p.ends_with("bin/virtiofsd"), "{}", p.display());
+    }
 }

@@ -3,9 +3,11 @@
 //! Steps, each fatal on failure: setup (apt packages, musl target); `cargo fmt --check`;
 //! `cargo clippy --all-targets -D warnings`; the host tests of every crate (unit tests and
 //! tests that need no KVM); the release husk-vmm and the guest artifacts; then the component
-//! tests of `husk-integration`, which boot real guests. Those run where a KVM boots Linux:
-//! directly on hardware KVM, else inside the lab (decided by a probe boot, and printed). A
-//! missing capability is a failure, never a skip.
+//! tests of `husk-integration`, which boot real guests, and its end-to-end tests, which drive
+//! a real containerd with `ctr` (`HUSK_SHIM`, `HUSK_TEST_IMAGE`; with
+//! `HUSK_TEST_RUNTIME=io.containerd.runc.v2` they run on runc, to check the harness). Those
+//! run where a KVM boots Linux: directly on hardware KVM, else inside the lab (decided by a
+//! probe boot, and printed). A missing capability is a failure, never a skip.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +31,8 @@ pub struct Args {
 
 /// The crate holding the component and end-to-end tests.
 const INTEGRATION_CRATE: &str = "husk-integration";
+/// The variable naming the busybox root file system (a host directory) for the tests.
+const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
 /// Limit for one component test binary in the lab.
 const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -66,6 +70,9 @@ pub fn run(args: &Args) -> Result<()> {
         cargo(&root, &["test", "-p", INTEGRATION_CRATE, "--lib"])
     })?;
     let parts = step("build husk-vmm (release) and the guest", build_parts)?;
+    let test_rootfs = step("build the busybox rootfs of the container tests", || {
+        guest::busybox_rootfs()
+    })?;
     let binaries = step("build the component tests", || {
         component_test_binaries(&root)
     })?;
@@ -84,7 +91,9 @@ pub fn run(args: &Args) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let code = step(&format!("component tests: {name}"), || {
-            run_component_binary(bin, &parts, mode, args.filter.as_deref())
+            let mut env = parts.env(mode);
+            env.push((TEST_ROOTFS_ENV.into(), test_rootfs.display().to_string()));
+            run_component_binary(bin, env, mode, args.filter.as_deref())
         })?;
         if code != 0 {
             failed.push(format!("{name} (exit status {code})"));
@@ -101,7 +110,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// The real parts the component tests use.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Parts {
     /// The release husk-vmm binary.
     pub vmm: PathBuf,
@@ -109,6 +118,14 @@ pub struct Parts {
     pub kernel: PathBuf,
     /// The agent initramfs.
     pub initrd: PathBuf,
+    /// virtiofsd, installed by setup.
+    pub virtiofsd: PathBuf,
+    /// A test-only initramfs whose `/init` is `husk-fs-probe` (virtio-fs component tests).
+    pub fs_probe_initrd: PathBuf,
+    /// The release `containerd-shim-husk-v2` (end-to-end tests).
+    pub shim: PathBuf,
+    /// The busybox OCI image archive the end-to-end tests import (`crate::image`).
+    pub test_image: PathBuf,
 }
 
 impl Parts {
@@ -118,6 +135,19 @@ impl Parts {
             ("HUSK_VMM".into(), self.vmm.display().to_string()),
             ("HUSK_KERNEL".into(), self.kernel.display().to_string()),
             ("HUSK_INITRD".into(), self.initrd.display().to_string()),
+            (
+                "HUSK_VIRTIOFSD".into(),
+                self.virtiofsd.display().to_string(),
+            ),
+            (
+                "HUSK_FS_PROBE_INITRD".into(),
+                self.fs_probe_initrd.display().to_string(),
+            ),
+            ("HUSK_SHIM".into(), self.shim.display().to_string()),
+            (
+                crate::image::TEST_IMAGE_ENV.into(),
+                self.test_image.display().to_string(),
+            ),
             (
                 lab::HUSK_KVM_MODE_ENV.into(),
                 match mode {
@@ -129,22 +159,68 @@ impl Parts {
     }
 }
 
-/// Builds the release husk-vmm and the guest artifacts.
+/// The shim binary containerd starts for `io.containerd.husk.v2`.
+pub const SHIM_BINARY: &str = "containerd-shim-husk-v2";
+
+/// Builds the release husk-vmm and shim, the guest artifacts and the test image.
 pub fn build_parts() -> Result<Parts> {
     let root = crate::cache::workspace_root();
     cargo(&root, &["build", "--release", "-p", "husk-vmm"])?;
-    let vmm = crate::cache::target_dir().join("release/husk-vmm");
+    cargo(
+        &root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "husk-shim",
+            "--bin",
+            SHIM_BINARY,
+        ],
+    )?;
+    let release = crate::cache::target_dir().join("release");
     let g = guest::build()?;
     Ok(Parts {
-        vmm,
+        vmm: release.join("husk-vmm"),
         kernel: g.vmlinux,
         initrd: g.initramfs,
+        virtiofsd: setup::virtiofsd_path()?,
+        fs_probe_initrd: build_fs_probe_initrd(&root)?,
+        shim: release.join(SHIM_BINARY),
+        test_image: crate::image::build_test_image()?,
     })
+}
+
+/// The test-only package packed as `/init` for the virtio-fs component tests.
+const FS_PROBE_PACKAGE: &str = "husk-fs-probe";
+
+/// Builds `husk-fs-probe` statically for the guest and packs it as an initramfs.
+pub fn build_fs_probe_initrd(root: &Path) -> Result<PathBuf> {
+    cargo(
+        root,
+        &[
+            "build",
+            "-p",
+            FS_PROBE_PACKAGE,
+            "--profile",
+            guest::GUEST_PROFILE,
+            "--target",
+            setup::MUSL_TARGET,
+        ],
+    )?;
+    guest::pack_init(&fs_probe_binary())
+}
+
+/// Where [`build_fs_probe_initrd`] leaves the static `husk-fs-probe`.
+pub fn fs_probe_binary() -> PathBuf {
+    crate::cache::target_dir()
+        .join(setup::MUSL_TARGET)
+        .join(guest::GUEST_PROFILE)
+        .join(FS_PROBE_PACKAGE)
 }
 
 fn run_component_binary(
     bin: &Path,
-    parts: &Parts,
+    env: Vec<(String, String)>,
     mode: KvmMode,
     filter: Option<&str>,
 ) -> Result<i32> {
@@ -155,27 +231,7 @@ fn run_component_binary(
     // One guest at a time: the lab has two emulated CPUs, and parallel boots there make the
     // emulated SVM's flakes likelier without saving time.
     argv.push("--test-threads=1".into());
-    let env = parts.env(mode);
-    match mode {
-        KvmMode::Direct => {
-            let status = Command::new(&argv[0])
-                .args(&argv[1..])
-                .envs(env)
-                .status()
-                .with_context(|| format!("Cannot run {}", bin.display()))?;
-            Ok(status.code().unwrap_or(128))
-        }
-        KvmMode::Lab => {
-            let outcome = lab::run(&argv, &env, LAB_TEST_TIMEOUT)?;
-            eprintln!(
-                "lab: /dev/kvm ready after {:.1} s, run took {:.1} s, L1 boot retries: {}",
-                outcome.kvm_ready.as_secs_f64(),
-                outcome.total.as_secs_f64(),
-                outcome.boot_retries
-            );
-            Ok(outcome.exit_code)
-        }
-    }
+    lab::run_where_kvm_boots(&argv, &env, mode, LAB_TEST_TIMEOUT)
 }
 
 /// Builds the integration crate's test binaries and returns their paths.

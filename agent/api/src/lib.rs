@@ -7,11 +7,16 @@
 
 include!(concat!(env!("OUT_DIR"), "/protos/generated.rs"));
 
+pub mod stdio;
+
 /// The guest vsock port the agent's ttrpc server listens on (docs/contracts.md).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision of `agent.proto`, reported in `VersionResponse.api_revision`.
 /// Bump it whenever an RPC or a field is added.
-pub const API_REVISION: u32 = 1;
+pub const API_REVISION: u32 = 2;
+
+/// The guest vsock port of the agent's stdio streams (docs/contracts.md, "Containers").
+pub const STDIO_VSOCK_PORT: u32 = 1025;
 
 pub use agent_ttrpc::{create_agent, create_health, Agent, AgentClient, Health, HealthClient};

@@ -4,6 +4,7 @@
 //! the virtio-mmio register window and activates it once the driver is ready. Devices process
 //! their queues on the event-loop thread and notify the guest through a [`VirtioInterrupt`].
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -29,6 +30,9 @@ pub enum ActivateError {
     /// The device is already active
     #[error("Device is already active")]
     AlreadyActive,
+    /// The device's backend (e.g. virtiofsd) refused or failed
+    #[error("Device backend failed: {0}")]
+    Backend(String),
 }
 
 /// The guest-visible interrupt of one virtio-mmio device: the InterruptStatus bits plus the

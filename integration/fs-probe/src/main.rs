@@ -1,0 +1,200 @@
+//! `husk-fs-probe`: a test-only program that exercises a virtio-fs share, as guest `/init` or
+//! as a plain process on a host (for the baseline of the file-system benchmark).
+//!
+//! It exists because the production agent must carry no test hooks. `cargo xtask test` builds it
+//! statically for musl and packs it as `/init` of a second initramfs. As PID 1 it mounts the
+//! virtio-fs tag (`probe_tag=`, default `husk`) at `/mnt`; otherwise it works in `$PROBE_DIR`.
+//! The kernel hands unknown `name=value` command-line words to init as environment variables,
+//! so the mode comes from `probe_mode=`:
+//!
+//! * `check`: prints `PROBE FILE <name> <size> <fnv1a64 hex>` for every file in `in/` (sorted)
+//!   and writes `out/from-guest.txt`, so the host can check both directions.
+//! * `bench`: sequential read of `big` (1 MiB reads) and creation of 10,000 small files in a
+//!   fresh directory; prints `PROBE BENCH <name> bytes=<n> files=<n> ms=<elapsed>`.
+//! * `hold`: prints `PROBE MOUNTED`, then keeps touching the share until the VM is stopped.
+//!
+//! Every run ends with `PROBE DONE` or `PROBE ERROR <what>`; as PID 1 it then syncs and reboots
+//! (a triple fault under `reboot=t`, which husk-vmm reports as a clean exit).
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Files created by the small-file benchmark.
+const SMALL_FILES: usize = 10_000;
+/// Size of each small file.
+const SMALL_FILE_BYTES: usize = 1024;
+/// Read size of the sequential-read benchmark.
+const READ_CHUNK: usize = 1 << 20;
+/// What the guest writes back in `check` mode.
+const FROM_GUEST: &[u8] = b"written by the guest through virtio-fs\n";
+
+/// FNV-1a 64-bit: the content fingerprint the test recomputes on the host.
+fn fnv1a64(data: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn mount_share(tag: &str, target: &Path) -> Result<(), String> {
+    fs::create_dir_all(target).map_err(|e| format!("mkdir {}: {e}", target.display()))?;
+    let src = CString::new(tag).map_err(|e| e.to_string())?;
+    let dst = CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: all pointers are valid NUL-terminated strings (or NULL data) for the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            c"virtiofs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "mount -t virtiofs {tag} {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn check(dir: &Path) -> Result<(), String> {
+    let mut names: Vec<PathBuf> = fs::read_dir(dir.join("in"))
+        .map_err(|e| format!("read_dir in/: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    names.sort();
+    for path in names {
+        let data = fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        say(&format!(
+            "PROBE FILE {name} {} {:016x}",
+            data.len(),
+            fnv1a64(&data)
+        ));
+    }
+    let out = dir.join("out/from-guest.txt");
+    let mut f = fs::File::create(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    f.write_all(FROM_GUEST)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("write {}: {e}", out.display()))
+}
+
+fn bench(dir: &Path) -> Result<(), String> {
+    let big = dir.join("big");
+    let started = Instant::now();
+    let mut f = fs::File::open(&big).map_err(|e| format!("open {}: {e}", big.display()))?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("read big: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    say(&format!(
+        "PROBE BENCH seq_read bytes={total} files=1 ms={}",
+        started.elapsed().as_millis()
+    ));
+
+    // A fresh directory per run (as PID 1 every guest run has the same pid).
+    let small = (0..)
+        .map(|n| dir.join(format!("small-{}-{n}", std::process::id())))
+        .find(|p| !p.exists())
+        .ok_or("no free directory name")?;
+    fs::create_dir(&small).map_err(|e| format!("mkdir {}: {e}", small.display()))?;
+    let payload = vec![b'x'; SMALL_FILE_BYTES];
+    let started = Instant::now();
+    for i in 0..SMALL_FILES {
+        let path = small.join(format!("f{i}"));
+        let mut f =
+            fs::File::create(&path).map_err(|e| format!("create {}: {e}", path.display()))?;
+        f.write_all(&payload)
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    say(&format!(
+        "PROBE BENCH create_small bytes={} files={SMALL_FILES} ms={}",
+        SMALL_FILES * SMALL_FILE_BYTES,
+        started.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+fn hold(dir: &Path) -> Result<(), String> {
+    say("PROBE MOUNTED");
+    loop {
+        fs::metadata(dir).map_err(|e| format!("stat {}: {e}", dir.display()))?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run(pid1: bool) -> Result<(), String> {
+    let dir = if pid1 {
+        let tag = std::env::var("probe_tag").unwrap_or_else(|_| "husk".into());
+        let dir = PathBuf::from("/mnt");
+        mount_share(&tag, &dir)?;
+        dir
+    } else {
+        PathBuf::from(std::env::var("PROBE_DIR").map_err(|_| "PROBE_DIR is not set")?)
+    };
+    match std::env::var("probe_mode").as_deref().unwrap_or("check") {
+        "check" => check(&dir),
+        "bench" => bench(&dir),
+        "hold" => hold(&dir),
+        other => Err(format!("unknown probe_mode {other}")),
+    }
+}
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    match run(pid1) {
+        Ok(()) => say("PROBE DONE"),
+        Err(e) => say(&format!("PROBE ERROR {e}")),
+    }
+    if pid1 {
+        // SAFETY: sync and reboot take no pointers; as PID 1 we own the machine's lifetime.
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_AUTOBOOT);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn check_mode_on_a_host_directory() {
+        let dir = std::env::temp_dir().join(format!("probe-test-{}", std::process::id()));
+        fs::create_dir_all(dir.join("in")).unwrap();
+        fs::create_dir_all(dir.join("out")).unwrap();
+        fs::write(dir.join("in/a.txt"), b"a").unwrap();
+        check(&dir).unwrap();
+        assert_eq!(
+            fs::read(dir.join("out/from-guest.txt")).unwrap(),
+            FROM_GUEST
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,354 @@
+//! Typed client methods of the container API (`Agent.CreateSandbox` … `Agent.GetOOMEvent`)
+//! and the host end of a stdio stream.
+//!
+//! Replies come from a guest we do not trust: pids must be positive, exit statuses in range,
+//! container ids valid. Calls that wait on the guest (`WaitProcess`, `GetOOMEvent`) take an
+//! explicit timeout instead of the per-call one.
+
+use std::path::Path;
+use std::time::Duration;
+
+use husk_agent_api::agent::{
+    CloseStdinRequest, CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest,
+    ExecProcessRequest, GetOOMEventRequest, ListProcessesRequest, PauseContainerRequest,
+    RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest, StartContainerRequest,
+    StatsContainerRequest, StatsContainerResponse, StdioConfig, TtyWinResizeRequest,
+    UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
+};
+use husk_agent_api::stdio::{valid_id, Ack, StreamHeader};
+pub use husk_agent_api::STDIO_VSOCK_PORT;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use super::{handshake, AgentClient, AgentError};
+
+/// Highest pid the guest kernel can hand out (`PID_MAX_LIMIT` on 64-bit).
+const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
+/// Most pids a ListProcesses reply may carry.
+const MAX_LISTED_PIDS: usize = 65_536;
+
+fn check_pid(method: &'static str, pid: u32) -> Result<u32, AgentError> {
+    if (1..=PID_MAX_LIMIT).contains(&pid) {
+        Ok(pid)
+    } else {
+        Err(AgentError::InvalidReply {
+            method,
+            reason: format!("pid {pid} is out of range"),
+        })
+    }
+}
+
+impl AgentClient {
+    /// `Agent.CreateSandbox`.
+    pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<(), AgentError> {
+        self.call("Agent.CreateSandbox", |ctx| {
+            self.agent.create_sandbox(ctx, req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.DestroySandbox`.
+    pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
+        let req = DestroySandboxRequest::default();
+        self.call("Agent.DestroySandbox", |ctx| {
+            self.agent.destroy_sandbox(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.CreateContainer`: returns the guest pid of the container's init process.
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        oci_spec_json: Vec<u8>,
+        stdio: StdioConfig,
+    ) -> Result<u32, AgentError> {
+        const METHOD: &str = "Agent.CreateContainer";
+        let req = CreateContainerRequest {
+            container_id: container_id.to_owned(),
+            oci_spec_json,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let reply = self
+            .call(METHOD, |ctx| self.agent.create_container(ctx, &req))
+            .await?;
+        check_pid(METHOD, reply.pid)
+    }
+
+    /// `Agent.StartContainer`: returns the init pid.
+    pub async fn start_container(&self, container_id: &str) -> Result<u32, AgentError> {
+        const METHOD: &str = "Agent.StartContainer";
+        let req = StartContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let reply = self
+            .call(METHOD, |ctx| self.agent.start_container(ctx, &req))
+            .await?;
+        check_pid(METHOD, reply.pid)
+    }
+
+    /// `Agent.ExecProcess`: `oci_process_json` is an OCI `process` object. Returns the pid.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        oci_process_json: Vec<u8>,
+        stdio: StdioConfig,
+    ) -> Result<u32, AgentError> {
+        const METHOD: &str = "Agent.ExecProcess";
+        let req = ExecProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            oci_process_json,
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        let reply = self
+            .call(METHOD, |ctx| self.agent.exec_process(ctx, &req))
+            .await?;
+        check_pid(METHOD, reply.pid)
+    }
+
+    /// `Agent.SignalProcess` (`exec_id` empty: the init process).
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: i32,
+    ) -> Result<(), AgentError> {
+        let req = SignalProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal: signal.unsigned_abs(),
+            ..Default::default()
+        };
+        self.call("Agent.SignalProcess", |ctx| {
+            self.agent.signal_process(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.WaitProcess`, waiting up to `timeout`: the exit, after the output is drained.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        timeout: Duration,
+    ) -> Result<WaitProcessResponse, AgentError> {
+        const METHOD: &str = "Agent.WaitProcess";
+        let req = WaitProcessRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        let reply =
+            Self::call_within(METHOD, timeout, |ctx| self.agent.wait_process(ctx, &req)).await?;
+        // 0..=255 from exit(2); 129..=192 from a signal.
+        if !(0..=255).contains(&reply.exit_status) || reply.signal > 64 {
+            return Err(AgentError::InvalidReply {
+                method: METHOD,
+                reason: format!("exit status {} signal {}", reply.exit_status, reply.signal),
+            });
+        }
+        Ok(reply)
+    }
+
+    /// `Agent.RemoveContainer`.
+    pub async fn remove_container(
+        &self,
+        container_id: &str,
+        force: bool,
+    ) -> Result<(), AgentError> {
+        let req = RemoveContainerRequest {
+            container_id: container_id.to_owned(),
+            force,
+            ..Default::default()
+        };
+        self.call("Agent.RemoveContainer", |ctx| {
+            self.agent.remove_container(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.ListProcesses`: guest pids in the container's cgroup.
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
+        const METHOD: &str = "Agent.ListProcesses";
+        let req = ListProcessesRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let reply = self
+            .call(METHOD, |ctx| self.agent.list_processes(ctx, &req))
+            .await?;
+        if reply.pids.len() > MAX_LISTED_PIDS {
+            return Err(AgentError::InvalidReply {
+                method: METHOD,
+                reason: format!("{} pids", reply.pids.len()),
+            });
+        }
+        for pid in &reply.pids {
+            check_pid(METHOD, *pid)?;
+        }
+        Ok(reply.pids)
+    }
+
+    /// `Agent.StatsContainer`.
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<StatsContainerResponse, AgentError> {
+        let req = StatsContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("Agent.StatsContainer", |ctx| {
+            self.agent.stats_container(ctx, &req)
+        })
+        .await
+    }
+
+    /// `Agent.PauseContainer`.
+    pub async fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = PauseContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("Agent.PauseContainer", |ctx| {
+            self.agent.pause_container(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.ResumeContainer`.
+    pub async fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = ResumeContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("Agent.ResumeContainer", |ctx| {
+            self.agent.resume_container(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.UpdateContainer`: `oci_resources_json` is an OCI `linux.resources` object.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        oci_resources_json: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.to_owned(),
+            oci_resources_json,
+            ..Default::default()
+        };
+        self.call("Agent.UpdateContainer", |ctx| {
+            self.agent.update_container(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.TtyWinResize`.
+    pub async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
+        let req = TtyWinResizeRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.call("Agent.TtyWinResize", |ctx| {
+            self.agent.tty_win_resize(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.CloseStdin`.
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = CloseStdinRequest {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("Agent.CloseStdin", |ctx| self.agent.close_stdin(ctx, &req))
+            .await
+            .map(drop)
+    }
+
+    /// `Agent.GetOOMEvent`, waiting up to `timeout`: the id of a container with an OOM kill.
+    pub async fn get_oom_event(&self, timeout: Duration) -> Result<String, AgentError> {
+        const METHOD: &str = "Agent.GetOOMEvent";
+        let req = GetOOMEventRequest::default();
+        let reply =
+            Self::call_within(METHOD, timeout, |ctx| self.agent.get_oom_event(ctx, &req)).await?;
+        if !valid_id(&reply.container_id) {
+            return Err(AgentError::InvalidReply {
+                method: METHOD,
+                reason: "invalid container id".into(),
+            });
+        }
+        Ok(reply.container_id)
+    }
+}
+
+/// Errors opening a stdio stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioStreamError {
+    /// Cannot connect to the hybrid vsock socket
+    #[error("Cannot connect to the hybrid vsock socket")]
+    Connect(#[source] std::io::Error),
+    /// The hybrid vsock handshake failed
+    #[error("The hybrid vsock handshake failed")]
+    Handshake(#[source] super::HandshakeError),
+    /// The stream header could not be sent or answered
+    #[error("The stream header could not be sent or answered")]
+    Io(#[source] std::io::Error),
+    /// The agent refused the stream header
+    #[error("The agent refused the stream header (answer {0})")]
+    Refused(u8),
+}
+
+/// Opens one stdio stream: connects to the agent's stdio port through the VMM's hybrid
+/// vsock socket `uds_path`, sends `header` and waits for the agent's acceptance. The
+/// returned stream carries the process stream's bytes; `shutdown()` on a stdin or tty
+/// stream is the process's stdin EOF.
+pub async fn open_stdio_stream(
+    uds_path: &Path,
+    header: &StreamHeader,
+) -> Result<UnixStream, StdioStreamError> {
+    let mut stream = UnixStream::connect(uds_path)
+        .await
+        .map_err(StdioStreamError::Connect)?;
+    handshake::handshake(&mut stream, STDIO_VSOCK_PORT)
+        .await
+        .map_err(StdioStreamError::Handshake)?;
+    stream
+        .write_all(&header.encode())
+        .await
+        .map_err(StdioStreamError::Io)?;
+    let mut ack = [0u8; 1];
+    stream
+        .read_exact(&mut ack)
+        .await
+        .map_err(StdioStreamError::Io)?;
+    if ack[0] != Ack::Accepted as u8 {
+        return Err(StdioStreamError::Refused(ack[0]));
+    }
+    Ok(stream)
+}

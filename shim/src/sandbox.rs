@@ -1,0 +1,506 @@
+//! One pod's VM: virtiofsd + husk-vmm, the agent connection, and their teardown.
+//!
+//! [`Sandbox::start`] prepares `<state_dir>/<sandbox-id>/` (the share `shared/`, the sockets,
+//! the logs), starts virtiofsd on the share, boots husk-vmm with a virtio-fs device, waits for
+//! the agent and creates the guest sandbox with the share mounted at `/run/husk/shared`.
+//! A monitor task owns both child processes: when either exits, it kills and reaps the other
+//! and publishes why ([`Sandbox::exited`]), so the death of any part ends the pod. The
+//! children also get `PR_SET_PDEATHSIG`, so a killed shim does not leave a VM running.
+//! [`Sandbox::stop`] shuts the guest down (or kills it), then unmounts and removes the
+//! directory. A failed start undoes everything it did.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::agent::{AgentClient, AgentError, CreateSandboxRequest, ShareSource, AGENT_VSOCK_PORT};
+use crate::config::Config;
+use crate::mount::{self, MountError};
+use crate::vmm::{Console, VirtiofsdCommand, VmmCommand};
+
+/// The virtio-fs tag of the share (docs/contracts.md).
+pub const SHARE_TAG: &str = "husk";
+/// How long virtiofsd may take to create its socket.
+const VIRTIOFSD_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest may take to remove its containers (`Agent.DestroySandbox`).
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping guest gets to reset by itself before husk-vmm is terminated.
+const CLEAN_EXIT_GRACE: Duration = Duration::from_millis(500);
+/// How long husk-vmm gets to exit after SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+/// Largest host file copied into the guest's `resolv.conf` (the agent's limit is 64 KiB).
+const MAX_RESOLV_CONF_BYTES: u64 = 64 * 1024;
+/// Longest hostname (HOST_NAME_MAX).
+const MAX_HOSTNAME_LEN: usize = 64;
+/// Lines of a child's log quoted when it dies.
+const LOG_TAIL_LINES: usize = 5;
+
+/// Errors of a pod's VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The pod directory cannot be prepared
+    #[error("Cannot prepare the pod directory {path}")]
+    Dir {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pod with this id already has a directory
+    #[error("The pod directory {0} already exists (is the pod running in another shim?)")]
+    Exists(PathBuf),
+    /// A mount of the share failed
+    #[error("Cannot set up the pod's share")]
+    Mount(#[source] MountError),
+    /// A host process cannot be started
+    #[error("Cannot start {program} ({path})")]
+    Spawn {
+        /// Which one.
+        program: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// virtiofsd did not come up
+    #[error("virtiofsd did not create its socket within {0:?}")]
+    VirtiofsdTimeout(Duration),
+    /// The VM ended before it was ready
+    #[error("The pod's VM ended while starting: {0}")]
+    Died(String),
+    /// The agent did not answer or refused the sandbox
+    #[error("The guest agent failed while the pod started")]
+    Agent(#[source] AgentError),
+}
+
+/// A running pod VM.
+#[derive(Debug)]
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    shared: PathBuf,
+    vsock_uds: PathBuf,
+    agent: AgentClient,
+    exited: watch::Receiver<Option<String>>,
+    kill: std::sync::Arc<Notify>,
+}
+
+/// Files of a pod directory.
+struct Layout {
+    dir: PathBuf,
+    shared: PathBuf,
+    vsock_uds: PathBuf,
+    fs_socket: PathBuf,
+}
+
+impl Layout {
+    fn new(state_dir: &Path, id: &str) -> Self {
+        let dir = state_dir.join(id);
+        Self {
+            shared: dir.join("shared"),
+            vsock_uds: dir.join("vsock.sock"),
+            fs_socket: dir.join("virtiofsd.sock"),
+            dir,
+        }
+    }
+}
+
+/// Describes a child's exit, naming the signal if there was one.
+fn describe(program: &str, status: std::io::Result<ExitStatus>, log: &Path) -> String {
+    let how = match status {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(0), _) => "exited cleanly".to_string(),
+            (Some(3), _) if program == "husk-vmm" => "exited with status 3 (guest panic)".into(),
+            (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(s)) => format!("was killed by signal {s}"),
+            _ => format!("ended ({st})"),
+        },
+        Err(e) => format!("could not be waited for ({e})"),
+    };
+    if how == "exited cleanly" {
+        return format!("{program} {how}");
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join(" | ");
+    if tail.is_empty() {
+        format!("{program} {how}")
+    } else {
+        format!("{program} {how}; its log ends: {tail}")
+    }
+}
+
+/// Makes `cmd` die with the shim: PR_SET_PDEATHSIG SIGKILL, stdio to `log`.
+fn prepare(cmd: &mut std::process::Command, log: &Path) -> std::io::Result<()> {
+    let log = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn spawn(
+    program: &'static str,
+    path: &Path,
+    mut cmd: std::process::Command,
+    log: &Path,
+) -> Result<tokio::process::Child, SandboxError> {
+    let fail = |source| SandboxError::Spawn {
+        program,
+        path: path.to_owned(),
+        source,
+    };
+    prepare(&mut cmd, log).map_err(fail)?;
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    cmd.spawn().map_err(fail)
+}
+
+impl Sandbox {
+    /// Starts the VM of pod `id` with `config`; `hostname` is the guest's.
+    pub async fn start(id: &str, config: &Config, hostname: &str) -> Result<Self, SandboxError> {
+        let layout = Layout::new(&config.state_dir, id);
+        if layout.dir.exists() {
+            return Err(SandboxError::Exists(layout.dir));
+        }
+        let dir_error = |source| SandboxError::Dir {
+            path: layout.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&layout.shared).map_err(dir_error)?;
+        match Self::start_in(id, config, hostname, &layout).await {
+            Ok(sandbox) => Ok(sandbox),
+            Err(e) => {
+                remove_dir(&layout.dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_in(
+        id: &str,
+        config: &Config,
+        hostname: &str,
+        layout: &Layout,
+    ) -> Result<Self, SandboxError> {
+        mount::make_shared_bind(&layout.shared).map_err(SandboxError::Mount)?;
+        let fs_cmd =
+            VirtiofsdCommand::new(&config.virtiofsd_path, &layout.fs_socket, &layout.shared)
+                .cache(config.virtiofs_cache);
+        let fs_log = layout.dir.join("virtiofsd.log");
+        let mut virtiofsd = spawn(
+            "virtiofsd",
+            &config.virtiofsd_path,
+            fs_cmd.command(),
+            &fs_log,
+        )?;
+        let deadline = tokio::time::Instant::now() + VIRTIOFSD_SOCKET_TIMEOUT;
+        while !layout.fs_socket.exists() {
+            if let Ok(Some(st)) = virtiofsd.try_wait() {
+                return Err(SandboxError::Died(describe("virtiofsd", Ok(st), &fs_log)));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(SandboxError::VirtiofsdTimeout(VIRTIOFSD_SOCKET_TIMEOUT));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let console = if config.debug_console.as_os_str().is_empty() {
+            Console::Off
+        } else {
+            Console::File(config.debug_console.clone())
+        };
+        let vmm_cmd = VmmCommand::new(&config.vmm_path, &config.kernel, &layout.vsock_uds)
+            .initrd(&config.initrd)
+            .mem_mib(config.mem_mib)
+            .vcpus(config.vcpus)
+            .console(console)
+            .cmdline_extra(config.kernel_params.clone())
+            .fs(&layout.fs_socket, SHARE_TAG);
+        let vmm_log = layout.dir.join("vmm.log");
+        let vmm = spawn("husk-vmm", &config.vmm_path, vmm_cmd.command(), &vmm_log)?;
+        info!(
+            sandbox = id,
+            vmm_pid = vmm.id(),
+            virtiofsd_pid = virtiofsd.id(),
+            "pod VM starting"
+        );
+
+        let (exit_tx, exited) = watch::channel(None);
+        let kill = std::sync::Arc::new(Notify::new());
+        tokio::spawn(monitor(
+            id.to_owned(),
+            vmm,
+            virtiofsd,
+            vmm_log,
+            fs_log,
+            kill.clone(),
+            exit_tx,
+        ));
+        let agent = match Self::boot(id, config, hostname, layout, exited.clone()).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                kill.notify_one();
+                let mut exited = exited;
+                let _ = exited.wait_for(Option::is_some).await;
+                return Err(e);
+            }
+        };
+        Ok(Sandbox {
+            id: id.to_owned(),
+            dir: layout.dir.clone(),
+            shared: layout.shared.clone(),
+            vsock_uds: layout.vsock_uds.clone(),
+            agent,
+            exited,
+            kill,
+        })
+    }
+
+    /// Waits for the agent (failing early if the VM ends) and creates the guest sandbox.
+    async fn boot(
+        id: &str,
+        config: &Config,
+        hostname: &str,
+        layout: &Layout,
+        mut exited: watch::Receiver<Option<String>>,
+    ) -> Result<AgentClient, SandboxError> {
+        let started = std::time::Instant::now();
+        let connect =
+            AgentClient::connect(&layout.vsock_uds, AGENT_VSOCK_PORT, config.boot_timeout());
+        let agent = tokio::select! {
+            agent = connect => agent.map_err(SandboxError::Agent)?,
+            why = exited.wait_for(Option::is_some) => {
+                let why = why.ok().and_then(|w| w.clone()).unwrap_or_default();
+                return Err(SandboxError::Died(why));
+            }
+        };
+        let mut hostname = hostname.to_owned();
+        hostname.truncate(MAX_HOSTNAME_LEN);
+        let req = CreateSandboxRequest {
+            hostname,
+            hosts: b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec(),
+            resolv_conf: read_bounded(Path::new("/etc/resolv.conf"), MAX_RESOLV_CONF_BYTES),
+            share: Some(ShareSource {
+                virtiofs_tag: SHARE_TAG.into(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        agent
+            .create_sandbox(&req)
+            .await
+            .map_err(SandboxError::Agent)?;
+        info!(
+            sandbox = id,
+            boot_ms = started.elapsed().as_millis() as u64,
+            "pod VM ready"
+        );
+        Ok(agent)
+    }
+
+    /// The pod id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The host directory shared into the guest at `/run/husk/shared`.
+    pub fn shared_dir(&self) -> &Path {
+        &self.shared
+    }
+
+    /// The VMM's hybrid vsock socket (for stdio streams).
+    pub fn vsock_uds(&self) -> &Path {
+        &self.vsock_uds
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Why the VM ended, once it has.
+    pub fn exit_reason(&self) -> Option<String> {
+        self.exited.borrow().clone()
+    }
+
+    /// Waits until the VM has ended and returns why.
+    pub async fn exited(&self) -> String {
+        let mut rx = self.exited.clone();
+        let reason = rx.wait_for(Option::is_some).await;
+        reason
+            .ok()
+            .and_then(|r| r.clone())
+            .unwrap_or_else(|| "the pod monitor ended".into())
+    }
+
+    /// Stops the VM: a clean guest shutdown if it is still running, a kill if that does not
+    /// end it in time; then unmounts everything in the pod directory and removes it.
+    pub async fn stop(&self) {
+        if self.exit_reason().is_none() {
+            let destroyed =
+                tokio::time::timeout(DESTROY_TIMEOUT, self.agent.destroy_sandbox()).await;
+            match destroyed {
+                Ok(Ok(())) => {
+                    // Every container is gone and the share is unmounted in the guest: nothing
+                    // there needs saving. Ask for a clean reset, but do not wait long for it
+                    // (today's agent holds its reset until its ttrpc connections close).
+                    let clean = async {
+                        if let Err(e) = self.agent.shutdown().await {
+                            debug!(sandbox = %self.id, error = %e, "agent Shutdown failed");
+                        }
+                        self.exited().await
+                    };
+                    let _ = tokio::time::timeout(CLEAN_EXIT_GRACE, clean).await;
+                }
+                Ok(Err(e)) => warn!(sandbox = %self.id, error = %e, "DestroySandbox failed"),
+                Err(_) => warn!(sandbox = %self.id, "DestroySandbox timed out"),
+            }
+        }
+        self.kill.notify_one();
+        let reason = self.exited().await;
+        info!(sandbox = %self.id, %reason, "pod VM stopped");
+        if let Err(e) = mount::unmount_all_under(&self.dir) {
+            warn!(sandbox = %self.id, error = %e, "unmount failed");
+        }
+        remove_dir(&self.dir);
+    }
+}
+
+/// Removes a pod directory that holds no mounts any more.
+fn remove_dir(dir: &Path) {
+    if let Err(e) = mount::unmount_all_under(dir) {
+        warn!(dir = %dir.display(), error = %e, "unmount failed");
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), error = %e, "cannot remove the pod directory");
+        }
+    }
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(limit).read_to_end(&mut out);
+    }
+    out
+}
+
+/// Owns the two children: the first to end (or a kill request) ends both; the reason is
+/// published once both are reaped.
+async fn monitor(
+    id: String,
+    mut vmm: tokio::process::Child,
+    mut virtiofsd: tokio::process::Child,
+    vmm_log: PathBuf,
+    fs_log: PathBuf,
+    kill: std::sync::Arc<Notify>,
+    exit_tx: watch::Sender<Option<String>>,
+) {
+    let reason = tokio::select! {
+        st = vmm.wait() => describe("husk-vmm", st, &vmm_log),
+        st = virtiofsd.wait() => describe("virtiofsd", st, &fs_log),
+        () = kill.notified() => "stopped by the shim".to_string(),
+    };
+    // husk-vmm first, politely: on SIGTERM it stops the guest and removes its sockets.
+    if let (Ok(None), Some(pid)) = (vmm.try_wait(), vmm.id()) {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = tokio::time::timeout(TERM_GRACE, vmm.wait()).await;
+    }
+    for child in [&mut vmm, &mut virtiofsd] {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.start_kill();
+        }
+        let _ = child.wait().await;
+    }
+    if reason != "stopped by the shim" && !reason.starts_with("husk-vmm exited cleanly") {
+        warn!(sandbox = %id, %reason, "pod VM ended");
+    }
+    let _ = exit_tx.send(Some(reason));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_start_leaves_nothing() {
+        let state = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: state.path().to_owned(),
+            virtiofsd_path: state.path().join("no-such-virtiofsd"),
+            ..Config::default()
+        };
+        let err = Sandbox::start("pod1", &config, "pod1").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SandboxError::Spawn {
+                    program: "virtiofsd",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            !state.path().join("pod1").exists(),
+            "the pod directory is left"
+        );
+        assert!(
+            mount::mounts_under(state.path()).is_empty(),
+            "a mount is left"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_existing_pod_directory_is_refused_and_kept() {
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir(state.path().join("pod1")).unwrap();
+        let config = Config {
+            state_dir: state.path().to_owned(),
+            ..Config::default()
+        };
+        let err = Sandbox::start("pod1", &config, "pod1").await.unwrap_err();
+        assert!(matches!(err, SandboxError::Exists(_)), "{err:?}");
+        assert!(state.path().join("pod1").exists());
+    }
+
+    #[test]
+    fn exits_are_described_with_the_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        std::fs::write(&log, "a\nb\nKVM internal error\n").unwrap();
+        let st = ExitStatus::from_raw(3 << 8);
+        let text = describe("husk-vmm", Ok(st), &log);
+        assert_eq!(
+            text,
+            "husk-vmm exited with status 3 (guest panic); its log ends: a | b | KVM internal error"
+        );
+        let killed = describe(
+            "virtiofsd",
+            Ok(ExitStatus::from_raw(9)),
+            &dir.path().join("none"),
+        );
+        assert_eq!(killed, "virtiofsd was killed by signal 9");
+    }
+}

@@ -1,0 +1,158 @@
+//! The watchers of a pod: guest exits become TaskExit events (after the output is drained),
+//! OOM kills become TaskOOM events, and a VM that ends under created processes reports them
+//! exited.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
+use containerd_shim_protos::topics;
+use containerd_shim_protos::types::task::Status;
+use tracing::{error, info, warn};
+
+use super::{lock, Service};
+use crate::agent::AgentError;
+use crate::container::LOST_EXIT_STATUS;
+use crate::events;
+use crate::io::Relay;
+use crate::sandbox::Sandbox;
+
+/// One slice of a `WaitProcess` or `GetOOMEvent` call; the watchers call again after it.
+const WAIT_SLICE: Duration = Duration::from_secs(24 * 3600);
+/// How long a broken agent connection may precede the VM's reaped exit.
+const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
+/// How long output may still drain after the VM died under a process.
+const DRAIN_AFTER_LOSS: Duration = Duration::from_secs(2);
+
+impl Service {
+    /// Waits for the exit of process (`id`, `exec_id`) in the guest, drains its output,
+    /// records the exit and publishes TaskExit. A process lost with its VM exits with
+    /// [`LOST_EXIT_STATUS`].
+    pub(super) fn watch_exit(
+        &self,
+        sandbox: Arc<Sandbox>,
+        id: &str,
+        exec_id: &str,
+        pid: u32,
+        relay: Option<Relay>,
+    ) {
+        let this = self.clone();
+        let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
+        tokio::spawn(async move {
+            let (status, lost) = loop {
+                match sandbox
+                    .agent()
+                    .wait_process(&id, &exec_id, WAIT_SLICE)
+                    .await
+                {
+                    Ok(reply) => break (reply.exit_status.unsigned_abs(), false),
+                    Err(AgentError::Timeout { .. }) => continue,
+                    Err(e) => {
+                        // The connection breaks a moment before the monitor has reaped the
+                        // VM: give it that moment, so the log says why.
+                        let vm = tokio::time::timeout(VM_EXIT_GRACE, sandbox.exited())
+                            .await
+                            .ok();
+                        error!(container = %id, exec = %exec_id, error = %e, vm = ?vm,
+                            "process lost with the pod VM; reporting exit status {LOST_EXIT_STATUS}");
+                        break (LOST_EXIT_STATUS, true);
+                    }
+                }
+            };
+            if let Some(mut relay) = relay {
+                if lost {
+                    let _ = tokio::time::timeout(DRAIN_AFTER_LOSS, relay.drained()).await;
+                } else {
+                    relay.drained().await;
+                }
+            }
+            this.record_exit(&id, &exec_id, pid, status).await;
+        });
+    }
+
+    pub(super) async fn record_exit(&self, id: &str, exec_id: &str, pid: u32, status: u32) {
+        let at = events::now();
+        let recorded = self
+            .with(id, |c| {
+                Ok(c.process_mut(id, exec_id)?.set_exit(status, at.clone()))
+            })
+            .unwrap_or(false);
+        if !recorded {
+            return;
+        }
+        info!(
+            container = id,
+            exec = exec_id,
+            pid,
+            status,
+            "process exited"
+        );
+        let event = TaskExit {
+            container_id: id.to_owned(),
+            id: if exec_id.is_empty() { id } else { exec_id }.to_owned(),
+            pid,
+            exit_status: status,
+            exited_at: Some(at).into(),
+            ..Default::default()
+        };
+        self.inner
+            .events
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, event)
+            .await;
+    }
+
+    /// Watches the pod: OOM kills become TaskOOM events; when the VM ends, processes no
+    /// watcher follows (created, never started) are reported exited.
+    pub(super) fn watch_pod(&self, sandbox: Arc<Sandbox>) {
+        let this = self.clone();
+        let pod = sandbox.clone();
+        tokio::spawn(async move {
+            let reason = pod.exited().await;
+            let idle: Vec<(String, String, u32)> = lock(&this.inner.containers)
+                .iter()
+                .flat_map(|(id, c)| {
+                    std::iter::once((id.clone(), String::new(), &c.init))
+                        .chain(c.execs.iter().map(|(e, p)| (id.clone(), e.clone(), p)))
+                        .filter(|(_, _, p)| p.status == Status::CREATED && p.exit().is_none())
+                        .map(|(id, e, p)| (id, e, p.pid))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if !idle.is_empty() {
+                error!(pod = pod.id(), %reason, "pod VM ended under created processes");
+            }
+            for (id, exec_id, pid) in idle {
+                this.record_exit(&id, &exec_id, pid, LOST_EXIT_STATUS).await;
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match sandbox.agent().get_oom_event(WAIT_SLICE).await {
+                    Ok(container_id) => {
+                        warn!(container = %container_id, "OOM kill in the guest");
+                        let event = TaskOOM {
+                            container_id,
+                            ..Default::default()
+                        };
+                        this.inner
+                            .events
+                            .publish(topics::TASK_OOM_EVENT_TOPIC, event)
+                            .await;
+                    }
+                    Err(AgentError::Timeout { .. }) => continue,
+                    Err(e) => {
+                        // A VM that ends (stopped or died) ends this loop quietly.
+                        if tokio::time::timeout(VM_EXIT_GRACE, sandbox.exited())
+                            .await
+                            .is_err()
+                        {
+                            warn!(pod = sandbox.id(), error = %e, "OOM events unavailable");
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}

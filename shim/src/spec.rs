@@ -1,0 +1,315 @@
+//! What the shim changes in a container's OCI spec before the agent sees it, and which pod a
+//! container belongs to.
+//!
+//! The spec is handled as JSON (`serde_json::Value`) so that fields the shim does not know
+//! pass through to the agent unchanged. The shim rewrites only host-side facts:
+//! * `root.path` becomes the guest path of the rootfs in the share,
+//!   `/run/husk/shared/<container-id>/rootfs` (docs/contracts.md);
+//! * bind mounts of host paths become binds of their copies in the share
+//!   (`<container-id>/mounts/<n>`), which the shim bind mounts on the host side;
+//! * namespace `path`s name host namespaces (CRI's network namespace, the pause container's
+//!   `/proc/<pid>/ns/*`) that mean nothing in the guest: those entries are dropped, so the
+//!   container shares the guest's (the pod's) namespace of that type;
+//! * annotations are kept only if the configuration allow-lists them.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::config::Config;
+
+/// Where the agent mounts the share in the guest (docs/contracts.md).
+pub const GUEST_SHARE_DIR: &str = "/run/husk/shared";
+/// CRI annotation naming the pod (sandbox) a container belongs to.
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI annotation telling a pod's sandbox (pause) container (`sandbox`) from the others.
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// Value of [`CRI_CONTAINER_TYPE`] for the sandbox container.
+const CRI_TYPE_SANDBOX: &str = "sandbox";
+
+/// Errors in a container's spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The spec is not a JSON object
+    #[error("The OCI spec is not valid JSON")]
+    Json(#[source] serde_json::Error),
+    /// A spec field has the wrong type
+    #[error("The OCI spec field {0} has the wrong type")]
+    Field(&'static str),
+    /// A mount source is not usable
+    #[error("Mount source {0} must be an absolute path without `..`")]
+    MountSource(String),
+}
+
+/// The pod a container belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMembership {
+    /// The pod's id: the CRI sandbox id, or the container's own id outside CRI.
+    pub sandbox_id: String,
+    /// Whether this container is the pod's sandbox container (its creation boots the VM and
+    /// its deletion stops it).
+    pub is_sandbox: bool,
+}
+
+/// Which pod container `id` with `spec` belongs to: the one its CRI annotations name, or its
+/// own when it has none.
+pub fn pod_membership(id: &str, spec: &Value) -> PodMembership {
+    let annotation = |key: &str| {
+        spec.pointer("/annotations")
+            .and_then(|a| a.get(key))
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    match annotation(CRI_SANDBOX_ID) {
+        Some(sandbox_id) => PodMembership {
+            sandbox_id: sandbox_id.to_owned(),
+            is_sandbox: sandbox_id == id
+                || annotation(CRI_CONTAINER_TYPE) == Some(CRI_TYPE_SANDBOX),
+        },
+        None => PodMembership {
+            sandbox_id: id.to_owned(),
+            is_sandbox: true,
+        },
+    }
+}
+
+/// The sandbox id from a bundle's `config.json` (for `start`, which groups the containers of
+/// a pod into one shim); `None` when the container is its own pod.
+pub fn grouping_sandbox_id(config_json: &[u8]) -> Option<String> {
+    let spec: Value = serde_json::from_slice(config_json).ok()?;
+    spec.pointer("/annotations")?
+        .get(CRI_SANDBOX_ID)?
+        .as_str()
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+/// A host path the shim must bind mount into the share for a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// The host source from the spec.
+    pub source: PathBuf,
+    /// Target relative to the share (`<container-id>/mounts/<n>`).
+    pub share_path: PathBuf,
+}
+
+/// The guest path of container `id`'s rootfs.
+pub fn guest_rootfs(id: &str) -> String {
+    format!("{GUEST_SHARE_DIR}/{id}/rootfs")
+}
+
+/// The rootfs directory of container `id`, relative to the share.
+pub fn share_rootfs(id: &str) -> PathBuf {
+    Path::new(id).join("rootfs")
+}
+
+fn is_bind(mount: &Value) -> bool {
+    let typ = mount.get("type").and_then(Value::as_str).unwrap_or("");
+    let has_bind_option = mount
+        .get("options")
+        .and_then(Value::as_array)
+        .is_some_and(|o| {
+            o.iter()
+                .any(|x| matches!(x.as_str(), Some("bind" | "rbind")))
+        });
+    typ == "bind" || has_bind_option
+}
+
+/// Rewrites `spec` for container `id` in the guest (see the module doc) and returns the host
+/// paths to bind mount into the share.
+pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBind>, SpecError> {
+    let obj = spec.as_object_mut().ok_or(SpecError::Field("(root)"))?;
+    let root = obj
+        .entry("root")
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()
+        .ok_or(SpecError::Field("root"))?;
+    root.insert("path".into(), Value::String(guest_rootfs(id)));
+
+    let mut binds = Vec::new();
+    if let Some(mounts) = obj.get_mut("mounts") {
+        let mounts = mounts.as_array_mut().ok_or(SpecError::Field("mounts"))?;
+        for mount in mounts.iter_mut() {
+            if !is_bind(mount) {
+                continue;
+            }
+            let source = mount
+                .get("source")
+                .and_then(Value::as_str)
+                .ok_or(SpecError::Field("mounts[].source"))?;
+            let path = Path::new(source);
+            if !path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(SpecError::MountSource(source.to_owned()));
+            }
+            let share_path = Path::new(id).join("mounts").join(binds.len().to_string());
+            let guest = Path::new(GUEST_SHARE_DIR).join(&share_path);
+            binds.push(HostBind {
+                source: path.to_owned(),
+                share_path,
+            });
+            mount["source"] = Value::String(guest.to_string_lossy().into_owned());
+        }
+    }
+
+    if let Some(namespaces) = obj
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("namespaces"))
+        .and_then(Value::as_array_mut)
+    {
+        namespaces.retain(|ns| {
+            ns.get("path")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+        });
+    }
+
+    if let Some(annotations) = obj.get_mut("annotations") {
+        let annotations = annotations
+            .as_object_mut()
+            .ok_or(SpecError::Field("annotations"))?;
+        annotations.retain(|key, _| config.annotation_allowed(key));
+    }
+    Ok(binds)
+}
+
+/// Parses a spec from `config.json` bytes.
+pub fn parse(bytes: &[u8]) -> Result<Value, SpecError> {
+    let spec: Value = serde_json::from_slice(bytes).map_err(SpecError::Json)?;
+    if !spec.is_object() {
+        return Err(SpecError::Field("(root)"));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn config(allowed: &[&str]) -> Config {
+        Config {
+            allowed_annotations: allowed.iter().map(|s| s.to_string()).collect(),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn root_path_points_into_the_share() {
+        let mut spec = json!({"root": {"path": "rootfs", "readonly": true}});
+        let binds = rewrite(&mut spec, "c1", &config(&[])).unwrap();
+        assert!(binds.is_empty());
+        assert_eq!(spec["root"]["path"], "/run/husk/shared/c1/rootfs");
+        assert_eq!(spec["root"]["readonly"], true);
+        let mut spec = json!({});
+        rewrite(&mut spec, "c2", &config(&[])).unwrap();
+        assert_eq!(spec["root"]["path"], "/run/husk/shared/c2/rootfs");
+    }
+
+    #[test]
+    fn host_binds_move_into_the_share() {
+        let mut spec = json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts",
+             "options": ["rbind", "ro"]},
+            {"destination": "/data", "source": "/srv/data", "options": ["bind"]},
+        ], "unknown": {"kept": 1}});
+        let binds = rewrite(&mut spec, "c1", &config(&[])).unwrap();
+        assert_eq!(
+            binds,
+            [
+                HostBind {
+                    source: "/var/lib/x/hosts".into(),
+                    share_path: "c1/mounts/0".into()
+                },
+                HostBind {
+                    source: "/srv/data".into(),
+                    share_path: "c1/mounts/1".into()
+                },
+            ]
+        );
+        assert_eq!(spec["mounts"][0]["source"], "proc");
+        assert_eq!(spec["mounts"][1]["source"], "/run/husk/shared/c1/mounts/0");
+        assert_eq!(spec["mounts"][1]["options"], json!(["rbind", "ro"]));
+        assert_eq!(spec["mounts"][2]["source"], "/run/husk/shared/c1/mounts/1");
+        assert_eq!(spec["unknown"]["kept"], 1);
+    }
+
+    #[test]
+    fn unsafe_bind_sources_are_refused() {
+        for source in ["relative/dir", "/a/../etc"] {
+            let mut spec =
+                json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
+            assert!(matches!(
+                rewrite(&mut spec, "c", &config(&[])),
+                Err(SpecError::MountSource(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn host_namespace_paths_are_dropped() {
+        let mut spec = json!({"linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc", "path": "/proc/42/ns/ipc"},
+            {"type": "mount", "path": ""},
+        ]}});
+        rewrite(&mut spec, "c", &config(&[])).unwrap();
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount", "path": ""}])
+        );
+    }
+
+    #[test]
+    fn annotations_are_allow_listed() {
+        let mut spec = json!({"annotations": {
+            "io.kubernetes.cri.sandbox-id": "p",
+            "io.husk.trace": "1",
+            "other": "x",
+        }});
+        rewrite(&mut spec, "c", &config(&["io.husk.*"])).unwrap();
+        assert_eq!(spec["annotations"], json!({"io.husk.trace": "1"}));
+    }
+
+    #[test]
+    fn wrong_types_are_errors() {
+        assert!(rewrite(&mut json!([]), "c", &config(&[])).is_err());
+        assert!(rewrite(&mut json!({"root": 1}), "c", &config(&[])).is_err());
+        assert!(rewrite(&mut json!({"mounts": {}}), "c", &config(&[])).is_err());
+        assert!(parse(b"[1]").is_err());
+        assert!(parse(b"{").is_err());
+    }
+
+    #[test]
+    fn pods_come_from_cri_annotations() {
+        let plain = json!({});
+        assert_eq!(
+            pod_membership("c1", &plain),
+            PodMembership {
+                sandbox_id: "c1".into(),
+                is_sandbox: true
+            }
+        );
+        let sandbox = json!({"annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "sandbox"}});
+        assert!(pod_membership("p1", &sandbox).is_sandbox);
+        let member =
+            json!({"annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "container"}});
+        assert_eq!(
+            pod_membership("c2", &member),
+            PodMembership {
+                sandbox_id: "p1".into(),
+                is_sandbox: false
+            }
+        );
+        let bytes = serde_json::to_vec(&member).unwrap();
+        assert_eq!(grouping_sandbox_id(&bytes).as_deref(), Some("p1"));
+        assert_eq!(grouping_sandbox_id(b"{}"), None);
+        assert_eq!(grouping_sandbox_id(b"garbage"), None);
+    }
+}

@@ -1,0 +1,85 @@
+//! The `containerd-shim-husk-v2` binary's own actions, run as containerd runs them:
+//! `-v`, `-info` and `delete` (the cleanup after a dead shim). `start` and serving need a
+//! containerd and a VM: integration/tests/containerd.rs covers them.
+
+use std::process::{Command, Stdio};
+
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::types::introspection::RuntimeInfo;
+
+const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-husk-v2");
+
+#[test]
+fn version_names_the_runtime() {
+    let out = Command::new(SHIM).arg("-v").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("containerd-shim-husk-v2:\n"), "{text}");
+    assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+    assert!(text.contains("io.containerd.husk.v2"), "{text}");
+}
+
+#[test]
+fn info_prints_runtime_info() {
+    let out = Command::new(SHIM)
+        .arg("-info")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = RuntimeInfo::parse_from_bytes(&out.stdout).unwrap();
+    assert_eq!(info.name, "io.containerd.husk.v2");
+    assert_eq!(info.version.version, env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn unknown_actions_fail() {
+    let out = Command::new(SHIM).arg("frobnicate").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unknown action"));
+}
+
+#[test]
+fn delete_cleans_a_dead_pod_and_reports_it_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir_all(state.join("pod1/shared/pod1/rootfs")).unwrap();
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), "{}").unwrap();
+    let config = tmp.path().join("husk.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(SHIM)
+        .args([
+            "-namespace",
+            "default",
+            "-id",
+            "pod1",
+            "-address",
+            "/x.sock",
+            "delete",
+        ])
+        .current_dir(&bundle)
+        .env("HUSK_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resp = DeleteResponse::parse_from_bytes(&out.stdout).unwrap();
+    assert_eq!(resp.exit_status, 137);
+    assert!(resp.exited_at.seconds > 0);
+    assert!(!state.join("pod1").exists(), "the pod directory is left");
+    assert!(state.exists(), "the state directory itself must stay");
+}

@@ -1,0 +1,54 @@
+//! `cargo xtask bench exec`: the round trip of exec'ing `true` into a running container
+//! (host ExecProcess call → WaitProcess reply with the exit status), through the real agent
+//! in a real guest with its rootfs on virtio-fs.
+//!
+//! The measuring program is the integration crate's `husk-bench-exec`, which boots the same
+//! pod the component tests use; it runs in the lab where this host's KVM cannot boot Linux.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::test::{cargo, step};
+
+/// Arguments of `cargo xtask bench exec`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecArgs {
+    /// Execs measured (after two warm-up execs).
+    #[arg(long, default_value_t = 20)]
+    pub runs: u32,
+}
+
+/// `cargo xtask bench exec`.
+pub fn run(args: &ExecArgs) -> Result<()> {
+    crate::setup::ensure()?;
+    let root = crate::cache::workspace_root();
+    let parts = step(
+        "build husk-vmm (release) and the guest",
+        crate::test::build_parts,
+    )?;
+    let rootfs = step("build the busybox rootfs", crate::guest::busybox_rootfs)?;
+    step("build husk-bench-exec", || {
+        cargo(
+            &root,
+            &[
+                "build",
+                "--release",
+                "-p",
+                "husk-integration",
+                "--bin",
+                "husk-bench-exec",
+            ],
+        )
+    })?;
+    let bin = crate::cache::target_dir().join("release/husk-bench-exec");
+    let mode = crate::lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
+    let mut env = parts.env(mode);
+    env.push(("HUSK_TEST_ROOTFS".into(), rootfs.display().to_string()));
+    let argv = vec![bin.display().to_string(), args.runs.to_string()];
+    let code = crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(1800))?;
+    if code != 0 {
+        bail!("the benchmark failed (exit status {code})");
+    }
+    Ok(())
+}

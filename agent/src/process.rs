@@ -218,14 +218,22 @@ impl Process {
             ] {
                 if let (Some(fd), Some(s)) = (fd, streams.remove(&kind)) {
                     let r = pipe::Receiver::from_owned_fd(fd).map_err(ProcessError::Copy)?;
-                    drains.push(tokio::spawn(copy_out(pid, if kind == StreamKind::Stdout { "stdout" } else { "stderr" }, r, s)));
+                    drains.push(tokio::spawn(copy_out(
+                        pid,
+                        if kind == StreamKind::Stdout {
+                            "stdout"
+                        } else {
+                            "stderr"
+                        },
+                        r,
+                        s,
+                    )));
                 }
             }
         }
         tokio::spawn(async move {
             // The sender side lives in the reaper's table; it only drops if the agent does.
             let exit = exited.await.unwrap_or(Exit::Signal(libc::SIGKILL));
-            tracing::info!(pid, ?exit, "DIAG exit reaped");
             for d in drains {
                 let _ = d.await;
             }
@@ -253,10 +261,8 @@ impl Process {
             if let Some(e) = *rx.borrow_and_update() {
                 return e;
             }
-            match tokio::time::timeout(std::time::Duration::from_secs(40), rx.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Exit::Signal(libc::SIGKILL),
-                Err(_) => diag_dump(self.pid),
+            if rx.changed().await.is_err() {
+                return Exit::Signal(libc::SIGKILL);
             }
         }
     }
@@ -289,45 +295,14 @@ impl Process {
     }
 }
 
-/// DIAG: what a process that does not finish is doing.
-fn diag_dump(pid: i32) {
-    let rd = |p: String| std::fs::read_to_string(&p).unwrap_or_else(|e| format!("({e})"));
-    tracing::warn!(pid, progress = ?DIAG.lock().unwrap(), "DIAG still waiting");
-    if let Ok(d) = std::fs::read_dir("/proc") {
-        for e in d.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.parse::<i32>().is_err() { continue; }
-            let comm = rd(format!("/proc/{name}/comm"));
-            let st = rd(format!("/proc/{name}/stat"));
-            let wchan = rd(format!("/proc/{name}/wchan"));
-            let mut pf = Vec::new();
-            if let Ok(fd) = std::fs::read_dir(format!("/proc/{name}/fd")) {
-                for f in fd.flatten() {
-                    let t = std::fs::read_link(f.path()).map(|p| p.display().to_string()).unwrap_or_default();
-                    if t.starts_with("pipe:") || t.starts_with("socket:") || t.starts_with("/dev/pts") || t.starts_with("/dev/ptmx") {
-                        pf.push(format!("{}->{}", f.file_name().to_string_lossy(), t));
-                    }
-                }
-            }
-            if pf.is_empty() && !st.contains(" Z ") { continue; }
-            tracing::warn!(pid = %name, comm = comm.trim(), stat = st.split(' ').take(5).collect::<Vec<_>>().join(" "), wchan, ?pf, "DIAG proc");
-        }
-    }
-    tracing::warn!(vsock = rd("/proc/net/vsock".into()), "DIAG net");
-}
-
-static DIAG: std::sync::Mutex<Vec<(i32, &'static str, u64, bool)>> = std::sync::Mutex::new(Vec::new());
-
-fn diag_progress(pid: i32, what: &'static str, total: u64, done: bool) {
-    let mut d = DIAG.lock().unwrap();
-    if let Some(e) = d.iter_mut().find(|e| e.0 == pid && e.1 == what) { e.2 = total; e.3 = done; } else { d.push((pid, what, total, done)); }
-    let len = d.len();
-    if len > 12 { d.drain(..len - 12); }
-}
-
 /// Copies process output to the host until EOF, then half-closes the host stream.
 /// A pty master reports EIO once every slave fd is closed: that is its EOF.
-async fn copy_out(pid: i32, what: &'static str, mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+async fn copy_out(
+    pid: i32,
+    what: &'static str,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
@@ -336,9 +311,11 @@ async fn copy_out(pid: i32, what: &'static str, mut from: impl AsyncRead + Unpin
             Ok(n) => n,
         };
         total += n as u64;
-        diag_progress(pid, what, total, false);
         if to.write_all(&buf[..n]).await.is_err() {
-            tracing::info!(pid, what, total, "DIAG host write failed");
+            debug!(
+                pid,
+                what, total, "the host stopped reading; discarding the rest"
+            );
             // The host went away: keep draining so the process does not block forever.
             while let Ok(n) = from.read(&mut buf).await {
                 if n == 0 {
@@ -348,11 +325,9 @@ async fn copy_out(pid: i32, what: &'static str, mut from: impl AsyncRead + Unpin
             return;
         }
     }
-    diag_progress(pid, what, total, true);
-    tracing::info!(pid, what, total, "DIAG output read EOF");
     let _ = to.flush().await;
     let _ = to.shutdown().await;
-    tracing::info!(pid, what, total, "DIAG output copy done");
+    debug!(pid, what, total, "output copied to the host");
 }
 
 /// Copies host input to the process until the host half-closes or [`Process::close_stdin`];

@@ -92,7 +92,12 @@ fn deliver(pid: i32, exit: Exit) {
     let r = guard.get_or_insert_with(Routes::default);
     r.reaped += 1;
     let now = Epoch(r.reaped);
-    tracing::info!(pid, ?exit, registered = r.waiters.contains_key(&pid), "DIAG reaped");
+    debug!(
+        pid,
+        ?exit,
+        registered = r.waiters.contains_key(&pid),
+        "reaped"
+    );
     if let Some(tx) = r.waiters.remove(&pid) {
         debug!(pid, ?exit, "process exited");
         let _ = tx.send(exit);

@@ -221,7 +221,8 @@ fn pause_freezes_and_resume_thaws() {
     args.extend([
         "sh",
         "-c",
-        "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done",
+        // Written to a temp file and renamed: a reader never sees a truncated counter.
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.2; done",
     ]);
     assert_ok(&c.ctr(&args), "ctr run -d");
     c.wait_task_status(id, "RUNNING", START);

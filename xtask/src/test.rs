@@ -33,6 +33,9 @@ pub struct Args {
 const INTEGRATION_CRATE: &str = "husk-integration";
 /// The variable naming the busybox root file system (a host directory) for the tests.
 const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
+/// How many times per suite a test binary is run again because the lab's L1 (not a guest of
+/// ours) died under it. Always printed; a failure a test reports is never retried.
+const L1_RETRIES: u32 = 1;
 /// Limit for one component test binary in the lab.
 const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -85,16 +88,30 @@ pub fn run(args: &Args) -> Result<()> {
         }
     );
     let mut failed = Vec::new();
+    let mut l1_retries = 0;
     for bin in &binaries {
         let name = bin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let code = step(&format!("component tests: {name}"), || {
-            let mut env = parts.env(mode);
-            env.push((TEST_ROOTFS_ENV.into(), test_rootfs.display().to_string()));
-            run_component_binary(bin, env, mode, args.filter.as_deref())
-        })?;
+        let run = || {
+            step(&format!("component tests: {name}"), || {
+                let mut env = parts.env(mode);
+                env.push((TEST_ROOTFS_ENV.into(), test_rootfs.display().to_string()));
+                run_component_binary(bin, env, mode, args.filter.as_deref())
+            })
+        };
+        let code = match run() {
+            Err(e) if l1_retries < L1_RETRIES && e.chain().any(|c| c.is::<lab::L1Died>()) => {
+                l1_retries += 1;
+                eprintln!(
+                    "==> LAB RETRY ({l1_retries}/{L1_RETRIES} per suite): the lab's L1 itself \
+                     died while {name} ran ({e:#}); running {name} again from the start"
+                );
+                run()?
+            }
+            other => other?,
+        };
         if code != 0 {
             failed.push(format!("{name} (exit status {code})"));
         }
@@ -103,7 +120,7 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("component tests failed: {}", failed.join(", "));
     }
     eprintln!(
-        "==> all tests passed in {:.0} s",
+        "==> all tests passed in {:.0} s (lab L1 retries: {l1_retries})",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -231,6 +248,9 @@ fn run_component_binary(
     // One guest at a time: the lab has two emulated CPUs, and parallel boots there make the
     // emulated SVM's flakes likelier without saving time.
     argv.push("--test-threads=1".into());
+    // Live output: a test's logs (containerd's, the guest console's) show as it fails, even
+    // when the lab dies before libtest's summary.
+    argv.push("--nocapture".into());
     lab::run_where_kvm_boots(&argv, &env, mode, LAB_TEST_TIMEOUT)
 }
 

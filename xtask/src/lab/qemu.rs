@@ -70,8 +70,11 @@ pub enum Ended {
     },
     /// The L1 died or hung before the command started (may be retried).
     BootLost { why: String, console: Vec<String> },
-    /// The L1 died or the run timed out while the command ran (never retried).
+    /// The run timed out while the command ran (never retried).
     RunLost { why: String },
+    /// The L1 itself ended (reset, triple fault, panic) while the command ran: the command's
+    /// outcome is unknown. The lab never retries it; a caller may, within its own budget.
+    L1Died { why: String },
 }
 
 /// QEMU's command line for `launch` (without the program name).
@@ -282,7 +285,7 @@ pub fn launch_once(
             why: format!("QEMU ended ({status}) before the command started"),
             console,
         },
-        (None, Some(_)) => Ended::RunLost {
+        (None, Some(_)) => Ended::L1Died {
             why: format!("QEMU ended ({status}) while the command ran, without an exit status"),
         },
     })

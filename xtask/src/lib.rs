@@ -7,6 +7,7 @@ pub mod bench;
 pub mod boot_check;
 pub mod cache;
 pub mod cpio;
+pub mod demo;
 pub mod guest;
 pub mod image;
 pub mod install;

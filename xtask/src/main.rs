@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{bench, boot_check, guest, image, install, lab, setup, test};
+use xtask::{bench, boot_check, demo, guest, image, install, lab, setup, test};
 
 /// husk's build, lab, test and benchmark orchestration.
 #[derive(Debug, Parser)]
@@ -36,8 +36,9 @@ enum Cmd {
     Test(test::Args),
     /// Boot the guest once and print `agent ready: version=… kernel=… boot_ms=…`.
     BootCheck(boot_check::Args),
-    /// The README's first command: set up, build and show husk working.
-    Demo(boot_check::Args),
+    /// The README's first command: set up, build, and run a container in a husk VM through
+    /// containerd (`ctr run --runtime io.containerd.husk.v2 --rm … uname -r`).
+    Demo(demo::Args),
     /// Benchmarks (BENCHMARKS.md).
     Bench(bench::Args),
 }
@@ -64,7 +65,8 @@ fn main() -> Result<()> {
         }
         Cmd::KvmMode(args) => lab::probe::run_command(&args),
         Cmd::Test(args) => test::run(&args),
-        Cmd::BootCheck(args) | Cmd::Demo(args) => boot_check::run(&args),
+        Cmd::BootCheck(args) => boot_check::run(&args),
+        Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
     }
 }

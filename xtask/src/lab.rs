@@ -303,6 +303,12 @@ fn rw_shares() -> Result<Vec<(String, PathBuf)>> {
         fs::create_dir_all(&*dir).with_context(|| format!("Cannot create {}", dir.display()))?;
         *dir = fs::canonicalize(&*dir)?;
     }
+    // The lab mounts fresh tmpfs on /tmp and /run, hiding a checkout there (a CI clone in
+    // /tmp, say): share the workspace itself then, or the command could not even cd into it.
+    let workspace = fs::canonicalize(cache::workspace_root())?;
+    if is_under_lab_tmpfs(&workspace) {
+        dirs.push(workspace);
+    }
     dirs.sort_by_key(|d| d.components().count());
     dirs.dedup();
     Ok(dirs
@@ -310,6 +316,14 @@ fn rw_shares() -> Result<Vec<(String, PathBuf)>> {
         .enumerate()
         .map(|(i, d)| (format!("huskrw{i}"), d))
         .collect())
+}
+
+/// Directories the lab init replaces by an empty tmpfs (see `init.sh`).
+const LAB_TMPFS_DIRS: &[&str] = &["/tmp", "/run", "/dev"];
+
+/// Whether `path` is hidden in the lab by one of [`LAB_TMPFS_DIRS`].
+fn is_under_lab_tmpfs(path: &Path) -> bool {
+    LAB_TMPFS_DIRS.iter().any(|d| path.starts_with(d))
 }
 
 /// `config.sh`, sourced by the lab init: the shares to mount, as `tag path` pairs.
@@ -462,6 +476,14 @@ mod tests {
         let script = run_script(Path::new("/nonexistent/dir"), &[], &["true".to_string()]);
         let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
         assert_eq!(out.status.code(), Some(125));
+    }
+
+    #[test]
+    fn checkouts_in_the_labs_tmpfs_are_noticed() {
+        assert!(is_under_lab_tmpfs(Path::new("/tmp/ci-clone")));
+        assert!(is_under_lab_tmpfs(Path::new("/run/user/0/x")));
+        assert!(!is_under_lab_tmpfs(Path::new("/work/main")));
+        assert!(!is_under_lab_tmpfs(Path::new("/tmpfoo")));
     }
 
     #[test]

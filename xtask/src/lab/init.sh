@@ -48,6 +48,8 @@ mkdir -p /newroot/run/husk-lab
 mount --bind /job /newroot/run/husk-lab
 set -- $RW_SHARES
 while [ $# -ge 2 ]; do
+    # A share under the lab's fresh /tmp or /run needs its mount point made first.
+    [ -d "/newroot$2" ] || mkdir -p "/newroot$2"
     mount -t 9p -o "$P9,cache=mmap" "$1" "/newroot$2" || die "cannot mount share $1 at $2"
     shift 2
 done

@@ -34,6 +34,10 @@ pub use leftovers::{pod_processes, Leftovers, Proc, Snapshot, POD_PROGRAMS};
 
 use crate::required_path;
 
+/// What the husk shim's failed Create says when the pod's guest never answered (shim
+/// `sandbox.rs`): a guest lost before its agent was ready.
+pub const BOOT_LOST: &str =
+    "The guest agent failed while the pod started: The agent did not answer";
 /// Debian's containerd.
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 /// Debian's ctr.
@@ -347,8 +351,45 @@ impl Containerd {
     /// [`Containerd::ctr`] with a chosen limit; a `ctr` still running then is killed and
     /// the test fails.
     pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Output {
-        output_with_timeout(self.ctr_command(args), None, timeout)
-            .unwrap_or_else(|e| panic!("ctr {}: {e}", args.join(" ")))
+        self.ctr_with(args, None, timeout)
+    }
+
+    /// Runs `ctr args…` with `stdin`. A `ctr run` whose pod's guest was lost before its agent
+    /// answered (the lab's emulated-SVM flake; the shim then fails Create with [`BOOT_LOST`])
+    /// is run again within the binary's lab retry budget, loudly, after deleting what the
+    /// failed attempt left in containerd. Nothing else is retried.
+    fn ctr_with(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
+        loop {
+            let out =
+                output_with_timeout(self.ctr_command(args), stdin.map(<[u8]>::to_vec), timeout)
+                    .unwrap_or_else(|e| panic!("ctr {}: {e}", args.join(" ")));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let lost = self.runtime == Runtime::Husk
+                && args.first() == Some(&"run")
+                && !out.status.success()
+                && stderr.contains(BOOT_LOST);
+            if !lost {
+                return out;
+            }
+            let used = match crate::take_lab_retry() {
+                Ok(n) => n,
+                Err(_) => return out,
+            };
+            eprintln!(
+                "LAB RETRY {used}/{}: the pod's guest was lost before its agent answered \
+                 (ctr {}): {}",
+                crate::LAB_RETRY_BUDGET,
+                args.join(" "),
+                stderr.trim()
+            );
+            if let Some(id) = args
+                .iter()
+                .position(|a| *a == IMAGE)
+                .and_then(|i| args.get(i + 1))
+            {
+                let _ = self.ctr_try(&["containers", "delete", id], Duration::from_secs(60));
+            }
+        }
     }
 
     /// Runs `ctr args…`, fails the test unless it exits 0, and returns its stdout.
@@ -395,8 +436,7 @@ impl Containerd {
     pub fn run_with_stdin(&self, flags: &[&str], id: &str, argv: &[&str], stdin: &[u8]) -> Output {
         let mut args = self.run_args(flags, id);
         args.extend_from_slice(argv);
-        output_with_timeout(self.ctr_command(&args), Some(stdin.to_vec()), CTR_TIMEOUT)
-            .unwrap_or_else(|e| panic!("ctr {}: {e}", args.join(" ")))
+        self.ctr_with(&args, Some(stdin), CTR_TIMEOUT)
     }
 
     /// The status `ctr task ls` shows for `id` (`RUNNING`, `PAUSED`, `STOPPED`, …), if listed.

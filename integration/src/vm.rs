@@ -12,14 +12,9 @@ use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{kvm_mode, required_path};
-
-/// How many lab-induced boot failures one test binary may absorb.
-const LAB_RETRY_BUDGET: u32 = 3;
-static LAB_RETRIES_USED: AtomicU32 = AtomicU32::new(0);
+use crate::{kvm_mode, required_path, take_lab_retry, LAB_RETRY_BUDGET};
 
 /// The line husk-vmm logs when the agent writes "ready" to the boot port.
 pub const READY_MARKER: &str = "guest ready boot_ms=";
@@ -108,16 +103,14 @@ impl Vm {
                 Attempt::Ready(vm) => return (vm, prepared),
                 Attempt::GuestLost(vm, why) => {
                     let diag = format!("{}\n--- prepared: {prepared:?}", vm.diagnostics());
-                    let in_lab = kvm_mode() == "lab";
-                    let used = LAB_RETRIES_USED.fetch_add(1, Ordering::SeqCst) + 1;
-                    if !in_lab || used > LAB_RETRY_BUDGET {
-                        panic!(
+                    let used = match take_lab_retry() {
+                        Ok(n) => n,
+                        Err(used) => panic!(
                             "guest lost before the agent was ready: {why} \
-                             (kvm mode {}, lab retries used {}/{LAB_RETRY_BUDGET})\n{diag}",
+                             (kvm mode {}, lab retries used {used}/{LAB_RETRY_BUDGET})\n{diag}",
                             kvm_mode(),
-                            used - 1
-                        );
-                    }
+                        ),
+                    };
                     eprintln!(
                         "LAB RETRY {used}/{LAB_RETRY_BUDGET}: guest lost before the agent was \
                          ready: {why}\n{diag}"

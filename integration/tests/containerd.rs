@@ -463,3 +463,97 @@ fn twenty_create_delete_cycles_leave_nothing() {
     assert!(listed.trim().is_empty(), "containers left: {listed}");
     c.assert_no_leftovers(CLEANUP);
 }
+
+/// Two containers of one Kubernetes-style pod (the CRI annotations: a sandbox container and a
+/// container naming it): the second joins the first's shim and, under husk, its VM (the same
+/// kernel boot id); the VM stays while the sandbox lives and goes when it is deleted.
+#[test]
+fn containers_of_one_pod_share_its_shim_and_vm() {
+    let c = Containerd::start();
+    let pod = "pod-s";
+    let app = "pod-app";
+    let sandbox_id = format!("io.kubernetes.cri.sandbox-id={pod}");
+    let mut args = c.run_args(
+        &[
+            "-d",
+            "--annotation",
+            "io.kubernetes.cri.container-type=sandbox",
+            "--annotation",
+            &sandbox_id,
+        ],
+        pod,
+    );
+    args.extend([
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 0.2; done",
+    ]);
+    assert_ok(&c.ctr(&args), "ctr run -d (sandbox)");
+    c.wait_task_status(pod, "RUNNING", START);
+    let boot_id = |id: &str, exec_id: &str| -> String {
+        c.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            exec_id,
+            id,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ])
+        .trim()
+        .to_string()
+    };
+    let pod_boot = boot_id(pod, "b1");
+
+    let mut args = c.run_args(
+        &[
+            "-d",
+            "--annotation",
+            "io.kubernetes.cri.container-type=container",
+            "--annotation",
+            &sandbox_id,
+        ],
+        app,
+    );
+    args.extend(["sh", "-c", "while true; do sleep 0.2; done"]);
+    assert_ok(&c.ctr(&args), "ctr run -d (container of the pod)");
+    c.wait_task_status(app, "RUNNING", START);
+    assert_eq!(
+        boot_id(app, "b2"),
+        pod_boot,
+        "the container runs in the pod's kernel"
+    );
+
+    let left = c.leftovers();
+    let count = |name: &str| {
+        left.processes
+            .iter()
+            .filter(|p| {
+                p.cmdline
+                    .split(' ')
+                    .next()
+                    .is_some_and(|a| a.ends_with(name))
+            })
+            .count()
+    };
+    let shim = match c.runtime() {
+        Runtime::Husk => "containerd-shim-husk-v2",
+        Runtime::Runc => "containerd-shim-runc-v2",
+    };
+    assert_eq!(count(shim), 1, "one pod, one shim:\n{left}");
+    if c.runtime() == Runtime::Husk {
+        assert_eq!(count("husk-vmm"), 1, "one pod, one VM:\n{left}");
+    }
+
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", app]);
+    c.wait_task_status(app, "STOPPED", Duration::from_secs(60));
+    delete(&c, app);
+    // The pod's VM outlives its other containers.
+    assert_eq!(c.task_status(pod).as_deref(), Some("RUNNING"));
+    assert_eq!(boot_id(pod, "b3"), pod_boot);
+    c.ctr_ok(&["task", "kill", pod]);
+    c.wait_task_status(pod, "STOPPED", Duration::from_secs(60));
+    assert_eq!(c.wait_exit(pod, "", EVENT).exit_status(), 0);
+    delete(&c, pod);
+    c.assert_no_leftovers(CLEANUP);
+}

@@ -93,6 +93,14 @@ impl Runtime {
         }
     }
 
+    /// The shim binary containerd starts for the runtime.
+    pub fn shim_binary(self) -> &'static str {
+        match self {
+            Runtime::Husk => HUSK_SHIM_BINARY,
+            Runtime::Runc => "containerd-shim-runc-v2",
+        }
+    }
+
     /// containerd's name of the runtime (`ctr run --runtime`).
     pub fn name(self) -> &'static str {
         match self {

@@ -321,25 +321,15 @@ fn two_pods_run_in_parallel() {
         for id in ids {
             c.wait_task_status(id, "RUNNING", START);
         }
-        let shim = match c.runtime() {
-            Runtime::Husk => "containerd-shim-husk-v2",
-            Runtime::Runc => "containerd-shim-runc-v2",
-        };
         let left = c.leftovers();
-        let count = |name: &str| {
-            left.processes
-                .iter()
-                .filter(|p| {
-                    p.cmdline
-                        .split(' ')
-                        .next()
-                        .is_some_and(|a| a.ends_with(name))
-                })
-                .count()
-        };
-        assert_eq!(count(shim), 2, "two pods, two shims:\n{left}");
+        let shim = c.runtime().shim_binary();
+        assert_eq!(left.count_program(shim), 2, "two pods, two shims:\n{left}");
         if c.runtime() == Runtime::Husk {
-            assert_eq!(count("husk-vmm"), 2, "two pods, two VMs:\n{left}");
+            assert_eq!(
+                left.count_program("husk-vmm"),
+                2,
+                "two pods, two VMs:\n{left}"
+            );
         }
         for id in ids {
             c.ctr_ok(&[
@@ -525,24 +515,14 @@ fn containers_of_one_pod_share_its_shim_and_vm() {
     );
 
     let left = c.leftovers();
-    let count = |name: &str| {
-        left.processes
-            .iter()
-            .filter(|p| {
-                p.cmdline
-                    .split(' ')
-                    .next()
-                    .is_some_and(|a| a.ends_with(name))
-            })
-            .count()
-    };
-    let shim = match c.runtime() {
-        Runtime::Husk => "containerd-shim-husk-v2",
-        Runtime::Runc => "containerd-shim-runc-v2",
-    };
-    assert_eq!(count(shim), 1, "one pod, one shim:\n{left}");
+    let shim = c.runtime().shim_binary();
+    assert_eq!(left.count_program(shim), 1, "one pod, one shim:\n{left}");
     if c.runtime() == Runtime::Husk {
-        assert_eq!(count("husk-vmm"), 1, "one pod, one VM:\n{left}");
+        assert_eq!(
+            left.count_program("husk-vmm"),
+            1,
+            "one pod, one VM:\n{left}"
+        );
     }
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", app]);

@@ -99,6 +99,19 @@ impl Snapshot {
 }
 
 impl Leftovers {
+    /// How many of the processes run the program whose file name is `name`.
+    pub fn count_program(&self, name: &str) -> usize {
+        self.processes
+            .iter()
+            .filter(|p| {
+                p.cmdline
+                    .split(' ')
+                    .next()
+                    .is_some_and(|a| a.ends_with(name))
+            })
+            .count()
+    }
+
     /// Nothing left.
     pub fn is_empty(&self) -> bool {
         self.processes.is_empty() && self.mounts.is_empty() && self.paths.is_empty()

@@ -38,7 +38,7 @@ fn code_of(e: &AgentError) -> Option<ttrpc::Code> {
 #[test]
 fn stdio_exit_status_stdin_tty_and_bulk_output() {
     runtime().block_on(async {
-        let pod = Pod::boot(512).await;
+        let pod = Pod::boot(256).await;
 
         // Exactly `out`, `err` and status 7.
         let o = pod
@@ -158,7 +158,7 @@ fn stdio_exit_status_stdin_tty_and_bulk_output() {
 #[test]
 fn exec_signals_pause_stats_and_remove() {
     runtime().block_on(async {
-        let pod = Pod::boot(512).await;
+        let pod = Pod::boot(256).await;
         let none = StdioConfig::default();
         let mut s = spec(&[
             "sh",
@@ -292,7 +292,7 @@ fn exec_signals_pause_stats_and_remove() {
 #[test]
 fn bad_requests_are_refused_and_oom_is_reported() {
     runtime().block_on(async {
-        let pod = Pod::boot(512).await;
+        let pod = Pod::boot(256).await;
         let c = &pod.client;
         let none = StdioConfig::default();
         let ok = serde_json::to_vec(&spec(&["true"])).unwrap();

@@ -59,7 +59,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let pod = Pod::boot(512).await;
+        let pod = Pod::boot(256).await;
         pod.create("c1", &spec(&["sleep", "100000"]), StdioConfig::default())
             .await;
         pod.client.start_container("c1").await?;

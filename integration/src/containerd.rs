@@ -34,10 +34,15 @@ pub use leftovers::{pod_processes, Leftovers, Proc, Snapshot, POD_PROGRAMS};
 
 use crate::required_path;
 
-/// What the husk shim's failed Create says when the pod's guest never answered (shim
-/// `sandbox.rs`): a guest lost before its agent was ready.
-pub const BOOT_LOST: &str =
-    "The guest agent failed while the pod started: The agent did not answer";
+/// What the husk shim's failed Create says when the pod's guest was lost before its agent
+/// answered (shim `sandbox.rs`): it hung, reset (husk-vmm's status 0 for a guest that never
+/// ran the agent protocol) or panicked (status 3). A VMM error (status 1), a virtiofsd failure
+/// or anything else is not among them.
+pub const BOOT_LOST: &[&str] = &[
+    "The guest agent failed while the pod started: The agent did not answer",
+    "The pod's VM ended while starting: husk-vmm exited cleanly",
+    "The pod's VM ended while starting: husk-vmm exited with status 3 (guest panic)",
+];
 /// Debian's containerd.
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 /// Debian's ctr.
@@ -363,7 +368,7 @@ impl Containerd {
     }
 
     /// Runs `ctr args…` with `stdin`. A `ctr run` whose pod's guest was lost before its agent
-    /// answered (the lab's emulated-SVM flake; the shim then fails Create with [`BOOT_LOST`])
+    /// answered (the lab's emulated-SVM flake; the shim then fails Create with one of [`BOOT_LOST`])
     /// is run again within the binary's lab retry budget, loudly, after deleting what the
     /// failed attempt left in containerd. Nothing else is retried.
     fn ctr_with(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
@@ -375,7 +380,7 @@ impl Containerd {
             let lost = self.runtime == Runtime::Husk
                 && args.first() == Some(&"run")
                 && !out.status.success()
-                && stderr.contains(BOOT_LOST);
+                && BOOT_LOST.iter().any(|m| stderr.contains(m));
             if !lost {
                 return out;
             }

@@ -43,6 +43,34 @@ fn task_topics(c: &Containerd, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// `ctr run -d <flags> IMAGE id argv…`, then waits until the task is reported running.
+fn run_detached(c: &Containerd, flags: &[&str], id: &str, argv: &[&str]) {
+    let mut all = vec!["-d"];
+    all.extend_from_slice(flags);
+    let mut args = c.run_args(&all, id);
+    args.extend_from_slice(argv);
+    assert_ok(&c.ctr(&args), &format!("ctr run -d {id}"));
+    c.wait_task_status(id, "RUNNING", START);
+}
+
+/// Asserts that `pods` pods run: as many shims and, under husk, as many husk-vmm.
+fn assert_pod_processes(c: &Containerd, pods: usize) {
+    let left = c.leftovers();
+    let shim = c.runtime().shim_binary();
+    assert_eq!(
+        left.count_program(shim),
+        pods,
+        "{pods} pod(s), shims:\n{left}"
+    );
+    if c.runtime() == Runtime::Husk {
+        assert_eq!(
+            left.count_program("husk-vmm"),
+            pods,
+            "{pods} pod(s), VMs:\n{left}"
+        );
+    }
+}
+
 #[test]
 fn run_rm_echo_prints_and_exits_zero() {
     let c = Containerd::start();
@@ -169,14 +197,16 @@ fn tty_has_the_terminal_size_and_exit_status() {
 fn detached_run_exec_kill_delete() {
     let c = Containerd::start();
     let id = "detached";
-    let mut args = c.run_args(&["-d"], id);
-    args.extend([
-        "sh",
-        "-c",
-        "trap 'exit 0' TERM; while true; do sleep 0.2; done",
-    ]);
-    assert_ok(&c.ctr(&args), "ctr run -d");
-    c.wait_task_status(id, "RUNNING", START);
+    run_detached(
+        &c,
+        &[],
+        id,
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 0.2; done",
+        ],
+    );
 
     let out = c.ctr(&[
         "task",
@@ -217,15 +247,12 @@ fn detached_run_exec_kill_delete() {
 fn pause_freezes_and_resume_thaws() {
     let c = Containerd::start();
     let id = "pausing";
-    let mut args = c.run_args(&["-d"], id);
-    args.extend([
+    run_detached(&c, &[], id, &[
         "sh",
         "-c",
         // Written to a temp file and renamed: a reader never sees a truncated counter.
         "i=0; while true; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.2; done",
     ]);
-    assert_ok(&c.ctr(&args), "ctr run -d");
-    c.wait_task_status(id, "RUNNING", START);
     let count = |exec_id: &str| -> u64 {
         // The loop may not have written its first value yet (the lab is slow).
         let script = "while [ ! -s /tmp/n ]; do sleep 0.1; done; cat /tmp/n";
@@ -277,10 +304,7 @@ fn pause_freezes_and_resume_thaws() {
 fn task_metrics_report_memory_and_pids() {
     let c = Containerd::start();
     let id = "metrics";
-    let mut args = c.run_args(&["-d"], id);
-    args.extend(["sh", "-c", "while true; do sleep 1; done"]);
-    assert_ok(&c.ctr(&args), "ctr run -d");
-    c.wait_task_status(id, "RUNNING", START);
+    run_detached(&c, &[], id, &["sh", "-c", "while true; do sleep 1; done"]);
     let out = c.ctr_ok(&["task", "metrics", "--format", "json", id]);
     let m: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("metrics JSON ({e}): {out}"));
@@ -321,16 +345,7 @@ fn two_pods_run_in_parallel() {
         for id in ids {
             c.wait_task_status(id, "RUNNING", START);
         }
-        let left = c.leftovers();
-        let shim = c.runtime().shim_binary();
-        assert_eq!(left.count_program(shim), 2, "two pods, two shims:\n{left}");
-        if c.runtime() == Runtime::Husk {
-            assert_eq!(
-                left.count_program("husk-vmm"),
-                2,
-                "two pods, two VMs:\n{left}"
-            );
-        }
+        assert_pod_processes(&c, 2);
         for id in ids {
             c.ctr_ok(&[
                 "task",
@@ -362,10 +377,7 @@ fn two_pods_run_in_parallel() {
 fn killed_pod_ends_the_task_and_leaves_nothing() {
     let c = Containerd::start();
     let id = "victim";
-    let mut args = c.run_args(&["-d"], id);
-    args.extend(["sleep", "100000"]);
-    assert_ok(&c.ctr(&args), "ctr run -d");
-    c.wait_task_status(id, "RUNNING", START);
+    run_detached(&c, &[], id, &["sleep", "100000"]);
     let victim = match c.runtime() {
         Runtime::Husk => {
             let vmms: Vec<_> = c
@@ -463,23 +475,21 @@ fn containers_of_one_pod_share_its_shim_and_vm() {
     let pod = "pod-s";
     let app = "pod-app";
     let sandbox_id = format!("io.kubernetes.cri.sandbox-id={pod}");
-    let mut args = c.run_args(
+    run_detached(
+        &c,
         &[
-            "-d",
             "--annotation",
             "io.kubernetes.cri.container-type=sandbox",
             "--annotation",
             &sandbox_id,
         ],
         pod,
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while true; do sleep 0.2; done",
+        ],
     );
-    args.extend([
-        "sh",
-        "-c",
-        "trap 'exit 0' TERM; while true; do sleep 0.2; done",
-    ]);
-    assert_ok(&c.ctr(&args), "ctr run -d (sandbox)");
-    c.wait_task_status(pod, "RUNNING", START);
     let boot_id = |id: &str, exec_id: &str| -> String {
         c.ctr_ok(&[
             "task",
@@ -495,35 +505,24 @@ fn containers_of_one_pod_share_its_shim_and_vm() {
     };
     let pod_boot = boot_id(pod, "b1");
 
-    let mut args = c.run_args(
+    run_detached(
+        &c,
         &[
-            "-d",
             "--annotation",
             "io.kubernetes.cri.container-type=container",
             "--annotation",
             &sandbox_id,
         ],
         app,
+        &["sh", "-c", "while true; do sleep 0.2; done"],
     );
-    args.extend(["sh", "-c", "while true; do sleep 0.2; done"]);
-    assert_ok(&c.ctr(&args), "ctr run -d (container of the pod)");
-    c.wait_task_status(app, "RUNNING", START);
     assert_eq!(
         boot_id(app, "b2"),
         pod_boot,
         "the container runs in the pod's kernel"
     );
 
-    let left = c.leftovers();
-    let shim = c.runtime().shim_binary();
-    assert_eq!(left.count_program(shim), 1, "one pod, one shim:\n{left}");
-    if c.runtime() == Runtime::Husk {
-        assert_eq!(
-            left.count_program("husk-vmm"),
-            1,
-            "one pod, one VM:\n{left}"
-        );
-    }
+    assert_pod_processes(&c, 1);
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", app]);
     c.wait_task_status(app, "STOPPED", Duration::from_secs(60));

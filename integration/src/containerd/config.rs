@@ -35,9 +35,9 @@ disabled_plugins = [
     )
 }
 
-/// Seconds a pod's guest may take until its agent answers (lab boots take 3–8 s; two at once
-/// on two emulated CPUs take longer).
-const BOOT_TIMEOUT_SECS: u32 = 120;
+/// Seconds a pod's guest may take until its agent answers (lab boots take 3–8 s, two at once
+/// on two emulated CPUs longer; a boot that takes 60 s has hung, and is a lab retry).
+const BOOT_TIMEOUT_SECS: u32 = 60;
 
 /// The husk.toml the fixture gives the shim (keys of `configs/husk.toml`): the guest and the
 /// helper binaries under test, and the guest consoles appended to `guest-console.log` in `dir`.

@@ -33,13 +33,7 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Maps an agent error to the ttrpc status the host sees.
 fn status(code: ttrpc::Code, err: &dyn std::error::Error) -> ttrpc::Error {
     // Print the whole chain once: the host logs it as the reason.
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
+    let msg = crate::container::helper::chain(err);
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
 }
 

@@ -347,7 +347,7 @@ fn make(req: Request) -> Result<i32, String> {
 }
 
 /// An error and its sources, `: `-joined (what the host will see).
-fn chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     let mut msg = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {

@@ -331,17 +331,8 @@ fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+fn median(v: Vec<f64>) -> Option<f64> {
+    super::median(v.into_iter())
 }
 
 fn fmt(v: Option<f64>) -> String {

@@ -164,14 +164,9 @@ fn host_run(p: &Paths, share: &Path, i: u32) -> Result<Sample> {
     parse_probe(&text).with_context(|| format!("host run {i} failed:\n{text}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// The median of at least one value (`--runs` is at least 1).
+fn median(v: Vec<f64>) -> f64 {
+    super::median(v.into_iter()).expect("at least one run per side")
 }
 
 /// Runs the comparison where this process is (a KVM that boots Linux).

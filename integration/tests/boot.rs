@@ -133,3 +133,44 @@ fn sigterm_to_the_vmm_stops_the_guest_and_cleans_up() {
         "husk-vmm left its vsock socket behind"
     );
 }
+
+#[test]
+fn sigusr1_logs_a_state_dump_and_the_guest_keeps_running() {
+    let mut vm = Vm::boot(&VmOptions::default());
+    runtime().block_on(async {
+        let client = connect(&vm).await;
+        vm.signal(nix::sys::signal::Signal::SIGUSR1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let dump = loop {
+            let log = vm.vmm_log();
+            if let Some(line) = log.lines().find(|l| l.contains("vsock cid")) {
+                break line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no vsock state dump after SIGUSR1:\n{}",
+                vm.diagnostics()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // The client's connection is in the table, established, with its flow control.
+        assert!(dump.contains("state dump (SIGUSR1)"), "{dump}");
+        assert!(dump.contains("conns=1"), "{dump}");
+        assert!(dump.contains("Established"), "{dump}");
+        assert!(dump.contains("peer_credit="), "{dump}");
+        let log = vm.vmm_log();
+        let exits = log
+            .lines()
+            .find(|l| l.contains("vCPU exits so far"))
+            .unwrap_or_else(|| panic!("no vCPU line in the dump:\n{log}"));
+        assert!(
+            !exits.contains("[0]"),
+            "a booted vCPU never exited: {exits}"
+        );
+        // SIGUSR1 only reports: the VM and the agent go on.
+        client.check().await.expect("Health.Check after SIGUSR1");
+        assert!(vm.try_exit().is_none(), "husk-vmm exited on SIGUSR1");
+        client.shutdown().await.expect("Shutdown");
+    });
+    expect_exit(&mut vm, status::CLEAN, Duration::from_secs(30));
+}

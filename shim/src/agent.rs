@@ -171,12 +171,19 @@ impl From<Duration> for Deadline {
     }
 }
 
+/// Called when an RPC times out, before the timeout is returned: gathers what the VMM and
+/// a fresh connection can tell about a guest that stopped answering (see `sandbox`).
+pub type TimeoutHook = std::sync::Arc<
+    dyn Fn(&'static str) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
+
 /// A connection to the agent of one VM.
 #[derive(Clone)]
 pub struct AgentClient {
     health: agent_ttrpc::HealthClient,
     agent: agent_ttrpc::AgentClient,
     config: ClientConfig,
+    on_timeout: Option<TimeoutHook>,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -293,10 +300,17 @@ impl AgentClient {
             health: agent_ttrpc::HealthClient::new(ttrpc.clone()),
             agent: agent_ttrpc::AgentClient::new(ttrpc),
             config,
+            on_timeout: None,
         };
         let left = attempt_deadline.saturating_duration_since(tokio::time::Instant::now());
         client.check_within(left).await?;
         Ok(client)
+    }
+
+    /// This client, running `hook` whenever an RPC times out.
+    pub fn with_timeout_hook(mut self, hook: TimeoutHook) -> Self {
+        self.on_timeout = Some(hook);
+        self
     }
 
     /// Runs one RPC with the per-call timeout and maps its failure.
@@ -308,7 +322,11 @@ impl AgentClient {
     where
         F: Future<Output = ttrpc::Result<T>>,
     {
-        Self::call_within(method, self.config.call_timeout, rpc).await
+        let result = Self::call_within(method, self.config.call_timeout, rpc).await;
+        if let (Err(AgentError::Timeout { .. }), Some(hook)) = (&result, &self.on_timeout) {
+            hook(method).await;
+        }
+        result
     }
 
     /// Runs one RPC with `timeout` and maps its failure.

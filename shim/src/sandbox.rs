@@ -38,6 +38,8 @@ const MAX_RESOLV_CONF_BYTES: u64 = 64 * 1024;
 const MAX_HOSTNAME_LEN: usize = 64;
 /// Lines of a child's log quoted when it dies.
 const LOG_TAIL_LINES: usize = 5;
+/// Lines of the VMM log quoted when an agent RPC times out (two state dumps and context).
+const TIMEOUT_LOG_LINES: usize = 12;
 
 /// Errors of a pod's VM.
 #[derive(Debug, thiserror::Error)]
@@ -126,14 +128,69 @@ fn describe(program: &str, status: std::io::Result<ExitStatus>, log: &Path) -> S
     if how == "exited cleanly" {
         return format!("{program} {how}");
     }
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join(" | ");
+    let tail = log_tail(log, LOG_TAIL_LINES);
     if tail.is_empty() {
         format!("{program} {how}")
     } else {
         format!("{program} {how}; its log ends: {tail}")
     }
+}
+
+/// The last `n` lines of a log file, joined with ` | ` (empty if there is none).
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// What the shim does when an agent RPC times out: asks husk-vmm for two state dumps a
+/// second apart (SIGUSR1: vCPU exit counts, vsock queues and connections), tries a fresh
+/// agent connection, and logs the result with the VMM log's tail. It tells a wedged guest
+/// (no vCPU exits) from a stuck connection (a new one answers) from a busy agent.
+fn timeout_hook(
+    id: &str,
+    vmm_pid: Option<u32>,
+    vmm_log: &Path,
+    vsock_uds: &Path,
+    exited: watch::Receiver<Option<String>>,
+) -> crate::agent::TimeoutHook {
+    let (id, vmm_log, vsock_uds) = (id.to_owned(), vmm_log.to_owned(), vsock_uds.to_owned());
+    std::sync::Arc::new(move |method| {
+        let (id, vmm_log, vsock_uds) = (id.clone(), vmm_log.clone(), vsock_uds.clone());
+        let exited = exited.clone();
+        Box::pin(async move {
+            let signal_vmm = || {
+                // The monitor reaps the VMM and then publishes its exit: while nothing is
+                // published the pid is still the VMM's.
+                if let (Some(pid), None) = (vmm_pid, exited.borrow().as_ref()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGUSR1,
+                    );
+                }
+            };
+            signal_vmm();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            signal_vmm();
+            let started = std::time::Instant::now();
+            let probe =
+                AgentClient::connect(&vsock_uds, AGENT_VSOCK_PORT, Duration::from_secs(3)).await;
+            let probe = match probe {
+                Ok(_) => format!(
+                    "a new connection's Health.Check answered in {} ms",
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => format!("a new connection got no answer ({e})"),
+            };
+            warn!(
+                sandbox = %id,
+                method,
+                probe,
+                vmm_log = %log_tail(&vmm_log, TIMEOUT_LOG_LINES),
+                "the agent did not answer in time"
+            );
+        })
+    })
 }
 
 /// Makes `cmd` die with the shim: PR_SET_PDEATHSIG SIGKILL, stdio to `log`.
@@ -235,6 +292,7 @@ impl Sandbox {
             .fs(&layout.fs_socket, SHARE_TAG);
         let vmm_log = layout.dir.join("vmm.log");
         let vmm = spawn("husk-vmm", &config.vmm_path, vmm_cmd.command(), &vmm_log)?;
+        let vmm_pid = vmm.id();
         info!(
             sandbox = id,
             vmm_pid = vmm.id(),
@@ -242,6 +300,7 @@ impl Sandbox {
             "pod VM starting"
         );
 
+        let vmm_log_path = vmm_log.clone();
         let (exit_tx, exited) = watch::channel(None);
         let kill = std::sync::Arc::new(Notify::new());
         tokio::spawn(monitor(
@@ -254,7 +313,13 @@ impl Sandbox {
             exit_tx,
         ));
         let agent = match Self::boot(id, config, hostname, layout, exited.clone()).await {
-            Ok(agent) => agent,
+            Ok(agent) => agent.with_timeout_hook(timeout_hook(
+                id,
+                vmm_pid,
+                &vmm_log_path,
+                &layout.vsock_uds,
+                exited.clone(),
+            )),
             Err(e) => {
                 kill.notify_one();
                 let mut exited = exited;

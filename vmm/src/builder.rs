@@ -28,7 +28,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{VsockDevice, VsockHandler};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{lock, Bus};
-use crate::event_loop::{block_stop_signals, EventLoop, SignalSubscriber};
+use crate::event_loop::{block_stop_signals, EventLoop, SignalSubscriber, StateDump};
 use crate::exit::{ExitEvent, ExitNotifier, ExitStatus};
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::vcpu::{Buses, Vcpu};
@@ -303,11 +303,34 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         )?;
     }
 
+    // vCPUs, made before the event loop so its state dump can count their exits.
+    let buses = Buses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+    };
+    let vcpus: Vec<Vcpu> = vcpu_fds
+        .into_iter()
+        .enumerate()
+        .map(|(id, fd)| Vcpu::new(fd, id as u8, buses.clone(), exit.clone()))
+        .collect();
+    let exit_counters: Vec<_> = vcpus.iter().map(Vcpu::exit_counter).collect();
+    let dump_vsock = vsock.clone();
+    let dumps: Vec<StateDump> = vec![
+        Box::new(move || {
+            let counts: Vec<String> = exit_counters
+                .iter()
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed).to_string())
+                .collect();
+            format!("vCPU exits so far: [{}]", counts.join(", "))
+        }),
+        Box::new(move || crate::devices::lock(&dump_vsock).state_dump()),
+    ];
+
     // Event loop thread.
     let mut event_loop = EventLoop::new().map_err(BuildError::Thread)?;
     event_loop
         .add_subscriber(Box::new(
-            SignalSubscriber::new(exit.clone()).map_err(BuildError::Signals)?,
+            SignalSubscriber::new(exit.clone(), dumps).map_err(BuildError::Signals)?,
         ))
         .map_err(BuildError::Thread)?;
     event_loop
@@ -328,12 +351,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         .map_err(BuildError::Thread)?;
 
     // vCPU threads.
-    let buses = Buses {
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-    };
-    for (id, fd) in vcpu_fds.into_iter().enumerate() {
-        let vcpu = Vcpu::new(fd, id as u8, buses.clone(), exit.clone());
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
         std::thread::Builder::new()
             .name(format!("husk-vcpu{id}"))
             .spawn(move || vcpu.run())

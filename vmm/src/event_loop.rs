@@ -114,11 +114,24 @@ impl EventLoop {
     }
 }
 
-/// Turns SIGINT/SIGTERM (blocked in every thread, see [`block_stop_signals`]) into an exit event.
-#[derive(Debug)]
+/// Produces one line of device and vCPU state for a [`SignalSubscriber`] state dump.
+pub type StateDump = Box<dyn Fn() -> String + Send>;
+
+/// Turns SIGINT/SIGTERM (blocked in every thread, see [`block_stop_signals`]) into an exit
+/// event, and SIGUSR1 into a state dump in the log (what the shim asks for when the agent
+/// stops answering).
 pub struct SignalSubscriber {
     fd: nix::sys::signalfd::SignalFd,
     exit: crate::exit::ExitNotifier,
+    dumps: Vec<StateDump>,
+}
+
+impl std::fmt::Debug for SignalSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalSubscriber")
+            .field("dumps", &self.dumps.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Signals that stop the VM (exit status 4).
@@ -129,19 +142,27 @@ pub fn stop_signals() -> nix::sys::signal::SigSet {
     set
 }
 
-/// Blocks the stop signals in the calling thread (and every thread it spawns afterwards).
+/// Every signal the [`SignalSubscriber`] reads: the stop signals and SIGUSR1 (state dump).
+fn handled_signals() -> nix::sys::signal::SigSet {
+    let mut set = stop_signals();
+    set.add(nix::sys::signal::Signal::SIGUSR1);
+    set
+}
+
+/// Blocks the handled signals in the calling thread (and every thread it spawns afterwards).
 pub fn block_stop_signals() -> nix::Result<()> {
-    stop_signals().thread_block()
+    handled_signals().thread_block()
 }
 
 impl SignalSubscriber {
-    /// A signalfd for the stop signals; call after [`block_stop_signals`].
-    pub fn new(exit: crate::exit::ExitNotifier) -> nix::Result<Self> {
+    /// A signalfd for the handled signals; call after [`block_stop_signals`]. `dumps` make
+    /// up the SIGUSR1 state dump, one log line each.
+    pub fn new(exit: crate::exit::ExitNotifier, dumps: Vec<StateDump>) -> nix::Result<Self> {
         let fd = nix::sys::signalfd::SignalFd::with_flags(
-            &stop_signals(),
+            &handled_signals(),
             nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
         )?;
-        Ok(Self { fd, exit })
+        Ok(Self { fd, exit, dumps })
     }
 }
 
@@ -153,6 +174,13 @@ impl Subscriber for SignalSubscriber {
 
     fn process(&mut self, _token: u32, _events: EventSet, _ops: &mut EventOps) {
         while let Ok(Some(info)) = self.fd.read_signal() {
+            if info.ssi_signo == nix::sys::signal::Signal::SIGUSR1 as u32 {
+                // Warn level: the shim runs the VMM with --log-level warn.
+                for dump in &self.dumps {
+                    tracing::warn!(state = %dump(), "state dump (SIGUSR1)");
+                }
+                continue;
+            }
             tracing::info!(signal = info.ssi_signo, "stopping the VM on host signal");
             self.exit
                 .notify(crate::exit::ExitEvent::Signal(info.ssi_signo as i32));

@@ -2,6 +2,7 @@
 //! shared buses. Exits that end the VM (triple fault, KVM errors) are reported through the
 //! [`ExitNotifier`]; the thread then stops running its vCPU.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -29,6 +30,9 @@ pub struct Vcpu {
     id: u8,
     buses: Buses,
     exit: ExitNotifier,
+    /// KVM_RUN returns so far (shown by the SIGUSR1 state dump: a guest that still runs
+    /// keeps exiting for its timer and devices).
+    exits: Arc<AtomicU64>,
 }
 
 /// A human-readable name for a KVM internal error suberror (linux `include/uapi/linux/kvm.h`).
@@ -50,7 +54,13 @@ impl Vcpu {
             id,
             buses,
             exit,
+            exits: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The count of KVM_RUN returns, for state dumps.
+    pub fn exit_counter(&self) -> Arc<AtomicU64> {
+        self.exits.clone()
     }
 
     fn describe_internal_error(&mut self) -> String {
@@ -80,6 +90,7 @@ impl Vcpu {
     /// Runs the vCPU until the VM ends.
     pub fn run(mut self) {
         loop {
+            self.exits.fetch_add(1, Ordering::Relaxed);
             let event = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.buses.pio.read(u64::from(port), data) {

@@ -304,6 +304,26 @@ impl Connection {
         }
     }
 
+    /// Flow-control and state flags, for the SIGUSR1 state dump.
+    pub fn state_dump(&self) -> String {
+        format!(
+            "{:?} pending={:?} tx_buf={} fwd_cnt={} rx_cnt={} peer_buf_alloc={} peer_fwd_cnt={} \
+             peer_credit={} peer_shutdown={} readable={} hup={} eof={}",
+            self.state,
+            self.pending,
+            self.tx_buf.len(),
+            self.fwd_cnt.0,
+            self.rx_cnt.0,
+            self.peer_buf_alloc,
+            self.peer_fwd_cnt.0,
+            self.peer_credit(),
+            self.peer_shutdown,
+            self.host_readable,
+            self.host_hup,
+            self.host_eof
+        )
+    }
+
     /// Events the host socket should be watched for; `None` once it must not be watched at all.
     pub fn interest(&self) -> Option<EventSet> {
         if self.host_hup || self.state == ConnState::Dead {

@@ -130,6 +130,32 @@ impl VsockDevice {
         }
     }
 
+    /// One line of queue and connection state (the SIGUSR1 state dump).
+    pub fn state_dump(&self) -> String {
+        let Some(active) = self.active.as_ref() else {
+            return format!("vsock cid {}: not activated", self.guest_cid);
+        };
+        let mut out = format!("vsock cid {}:", self.guest_cid);
+        for (name, q) in ["rx", "tx", "event"].iter().zip(&active.queues) {
+            let avail = q
+                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+            let used = q
+                .used_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+            out.push_str(&format!(
+                " {name} avail={avail} next_avail={} used={used};",
+                q.next_avail()
+            ));
+        }
+        out.push_str(&format!(
+            " irq_status={:#x}; {}",
+            active.interrupt.status(),
+            self.muxer.state_dump()
+        ));
+        out
+    }
+
     /// Runs tx then rx until no more progress is possible for this event.
     pub fn process_queues(&mut self) {
         for _ in 0..MAX_TX_RX_ROUNDS {

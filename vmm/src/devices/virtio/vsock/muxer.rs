@@ -372,6 +372,26 @@ impl VsockMuxer {
         }
     }
 
+    /// Connection table and queues, for the SIGUSR1 state dump.
+    pub fn state_dump(&self) -> String {
+        let mut out = format!(
+            "muxer: control={} rx_list={} handshakes={} conns={}",
+            self.control.len(),
+            self.rx_list.len(),
+            self.handshakes.len(),
+            self.conns.len()
+        );
+        for ((local, peer), e) in &self.conns {
+            out.push_str(&format!(
+                " [{local}->{peer} registered={:?} in_rx_list={} {}]",
+                e.registered.map(|s| s.bits()),
+                e.in_rx_list,
+                e.conn.state_dump()
+            ));
+        }
+        out
+    }
+
     /// Brings epoll registrations in line with what each connection needs and drops finished
     /// connections.
     pub fn sync(&mut self, ops: &mut EventOps) {

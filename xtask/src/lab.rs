@@ -25,6 +25,7 @@
 
 mod console;
 mod image;
+mod monitor;
 pub mod probe;
 mod qemu;
 
@@ -102,6 +103,9 @@ pub struct LabRun {
     pub mem_mib: u32,
     /// Where the command's output goes.
     pub output: Output,
+    /// A command silent this long is taken for a wedged L1 ([`L1Died`]); only for commands
+    /// whose own timeouts are all shorter (the test binaries).
+    pub silence_limit: Option<Duration>,
 }
 
 /// The lab's L1 itself ended while the command ran (the emulated-SVM instability DESIGN.md
@@ -137,6 +141,7 @@ impl LabRun {
             smp: 2,
             mem_mib: 3072,
             output: Output::Stream,
+            silence_limit: None,
         }
     }
 
@@ -160,6 +165,13 @@ impl LabRun {
             run_script(&cwd, &env, &self.command),
         )?;
 
+        let symbols = crate::cache::cache_dir()?
+            .join("lab")
+            .join(format!("kallsyms-{}", kernel.release));
+        if !symbols.exists() {
+            fs::write(job.path().join(qemu::KALLSYMS_WANT), "")?;
+        }
+
         let tsc_khz = host_tsc_khz();
         let started = Instant::now();
         let mut retries = 0;
@@ -175,8 +187,12 @@ impl LabRun {
                 mem_mib: self.mem_mib,
                 verbose: std::env::var(HUSK_LAB_VERBOSE_ENV).is_ok_and(|v| v == "1"),
                 tsc_khz,
+                symbols: &symbols,
+                silence_limit: self.silence_limit,
             };
-            match qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout)? {
+            let ended = qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout);
+            keep_symbols(job.path(), &symbols);
+            match ended? {
                 qemu::Ended::Exited {
                     code,
                     kvm_ready,
@@ -241,20 +257,32 @@ impl LabRun {
 
 /// Runs `command` in the lab with extra `env`, streaming its output; returns its outcome.
 pub fn run(command: &[String], env: &[(String, String)], timeout: Duration) -> Result<LabOutcome> {
+    run_with_silence_limit(command, env, timeout, None)
+}
+
+fn run_with_silence_limit(
+    command: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+    silence_limit: Option<Duration>,
+) -> Result<LabOutcome> {
     let mut lab = LabRun::new(command.iter().cloned());
     lab.env = env.to_vec();
     lab.timeout = timeout;
+    lab.silence_limit = silence_limit;
     lab.run()
 }
 
 /// Runs `command` with `env` where a KVM that boots Linux is: directly on this host
 /// ([`KvmMode::Direct`]) or inside the lab, and returns its exit status. In the lab the run's
-/// figures (time to `/dev/kvm`, total, L1 boot retries) are printed.
+/// figures (time to `/dev/kvm`, total, L1 boot retries) are printed. `silence_limit`: see
+/// [`LabRun::silence_limit`] (ignored outside the lab).
 pub fn run_where_kvm_boots(
     command: &[String],
     env: &[(String, String)],
     mode: KvmMode,
     timeout: Duration,
+    silence_limit: Option<Duration>,
 ) -> Result<i32> {
     let (program, args) = command.split_first().context("No command to run")?;
     match mode {
@@ -267,7 +295,7 @@ pub fn run_where_kvm_boots(
             Ok(status.code().unwrap_or(128))
         }
         KvmMode::Lab => {
-            let outcome = run(command, env, timeout)?;
+            let outcome = run_with_silence_limit(command, env, timeout, silence_limit)?;
             eprintln!(
                 "lab: /dev/kvm ready after {:.1} s, run took {:.1} s, L1 boot retries: {}",
                 outcome.kvm_ready.as_secs_f64(),
@@ -363,6 +391,17 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// A fresh random hex string for the console markers.
+/// Moves the kernel symbols an L1 wrote into the job directory to the cache.
+fn keep_symbols(job_dir: &Path, cache: &Path) {
+    let written = job_dir.join(qemu::KALLSYMS);
+    if fs::metadata(&written).is_ok_and(|m| m.len() > 0) {
+        if let Some(dir) = cache.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = fs::copy(&written, cache);
+    }
+}
+
 fn nonce() -> Result<String> {
     let mut bytes = [0u8; 8];
     fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;

@@ -41,6 +41,11 @@ const L1_RETRIES: u32 = 1;
 /// inside it) is cut off after this, so one wedge cannot eat CI's 90 minutes. Not retried: a
 /// hang might be ours.
 const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// A lab test binary that prints nothing for this long has a wedged L1 under it, not a hang
+/// of ours: every wait in the tests gives up (and prints) within 4 min (`CTR_TIMEOUT`, the
+/// longest), so only an L1 whose clock stopped stays silent for 8. It counts as the L1
+/// dying (one re-run per suite); the lab prints the L1's vCPU states every 2 min of silence.
+const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(8 * 60);
 
 /// Runs everything.
 pub fn run(args: &Args) -> Result<()> {
@@ -254,7 +259,7 @@ fn run_component_binary(
     // Live output: a test's logs (containerd's, the guest console's) show as it fails, even
     // when the lab dies before libtest's summary.
     argv.push("--nocapture".into());
-    lab::run_where_kvm_boots(&argv, &env, mode, LAB_TEST_TIMEOUT)
+    lab::run_where_kvm_boots(&argv, &env, mode, LAB_TEST_TIMEOUT, Some(LAB_SILENCE_LIMIT))
 }
 
 /// Builds the integration crate's test binaries and returns their paths.

@@ -27,6 +27,15 @@ pub const ROOT_TAG: &str = "hostroot";
 pub const JOB_TAG: &str = "huskjob";
 /// How long the L1 may take to power off after the command's exit marker.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(15);
+/// A running command silent this long gets the L1's vCPU states printed (repeatedly), so
+/// a wedged L1 shows where it is stuck before the run timeout kills it.
+const SILENCE_REPORT: Duration = Duration::from_secs(120);
+/// The monitor socket's name in the job directory.
+const MONITOR_SOCKET: &str = "hmp.sock";
+/// In the job directory: asks the lab init for the L1's kernel symbols...
+pub const KALLSYMS_WANT: &str = "kallsyms.want";
+/// ...which it writes here (text symbols of /proc/kallsyms).
+pub const KALLSYMS: &str = "kallsyms";
 
 /// Everything one QEMU launch needs.
 #[derive(Debug)]
@@ -43,6 +52,10 @@ pub struct Launch<'a> {
     pub verbose: bool,
     /// The host's TSC frequency, which TCG passes through to the L1.
     pub tsc_khz: Option<u64>,
+    /// The cached kernel symbols of the L1 (used when this boot wrote none).
+    pub symbols: &'a Path,
+    /// See `LabRun::silence_limit`.
+    pub silence_limit: Option<Duration>,
 }
 
 /// Where the command's output goes.
@@ -96,6 +109,10 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     .iter()
     .map(OsString::from)
     .collect();
+    let mut monitor = OsString::from("unix:");
+    monitor.push(escape_qemu_opt(&launch.job_dir.join(MONITOR_SOCKET)));
+    monitor.push(",server=on,wait=off");
+    args.extend(["-monitor".into(), monitor]);
     args.extend(["-smp".into(), launch.smp.to_string().into()]);
     args.extend(["-m".into(), launch.mem_mib.to_string().into()]);
     args.extend([
@@ -105,7 +122,8 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     args.extend(["-initrd".into(), launch.initramfs.as_os_str().to_owned()]);
     // quiet: every console byte is slow under emulation; mitigations=off: page-table
     // isolation and retpolines only slow TCG down; reboot=t + -no-reboot: the lab's
-    // `reboot -f` (and a panic, via panic=-1) ends QEMU.
+    // `reboot -f` (and a panic, via panic=-1) ends QEMU. nokaslr: the silence report
+    // names kernel addresses from System.map.
     //
     // tsc_early_khz: under a loaded host the L1's PIT calibration of the TSC can fail
     // ("tsc: Unable to calibrate against PIT ... Marking TSC unstable") and the boot then
@@ -117,7 +135,7 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
         None => String::new(),
     };
     let cmdline = format!(
-        "console=ttyS0{quiet}{tsc} mitigations=off reboot=t panic=-1 husk_lab.nonce={}",
+        "console=ttyS0{quiet}{tsc} mitigations=off nokaslr reboot=t panic=-1 husk_lab.nonce={}",
         launch.nonce
     );
     args.extend(["-append".into(), cmdline.into()]);
@@ -200,16 +218,60 @@ pub fn launch_once(
     let mut command_started = None;
     let mut exit_code = None;
     let mut exit_seen = None;
+    let mut last_output = Instant::now();
+    let mut silent_since = Instant::now();
+    let mut symbols = None;
     let ended = loop {
         let deadline = match (exit_seen, command_started) {
             (Some(t), _) => t + TEARDOWN_TIMEOUT,
             (None, None) => started + boot_timeout,
             (None, Some(t)) => t + run_timeout,
         };
-        let wait = deadline.saturating_duration_since(Instant::now());
+        let report_at = (command_started.is_some() && exit_seen.is_none())
+            .then(|| last_output + SILENCE_REPORT)
+            .filter(|t| *t < deadline);
+        let wait = report_at
+            .unwrap_or(deadline)
+            .saturating_duration_since(Instant::now());
         let raw = match rx.recv_timeout(wait) {
-            Ok(raw) => raw,
+            Ok(raw) => {
+                last_output = Instant::now();
+                silent_since = last_output;
+                raw
+            }
             Err(RecvTimeoutError::Disconnected) => break None,
+            Err(RecvTimeoutError::Timeout) if report_at.is_some() => {
+                let map = symbols.get_or_insert_with(|| {
+                    let fresh = launch.job_dir.join(KALLSYMS);
+                    super::monitor::SymbolMap::load(if fresh.exists() {
+                        &fresh
+                    } else {
+                        launch.symbols
+                    })
+                });
+                let socket = launch.job_dir.join(MONITOR_SOCKET);
+                let states = super::monitor::cpu_states(&socket)
+                    .map(|s| super::monitor::describe(&s, map))
+                    .unwrap_or_else(|e| format!("cannot read them ({e:#})"));
+                let silent = silent_since.elapsed();
+                eprintln!(
+                    "lab: the command printed nothing for {:.0} s (ran {:.0} s); {states}",
+                    silent.as_secs_f64(),
+                    command_started.map_or(0.0, |t: Instant| t.elapsed().as_secs_f64())
+                );
+                if let Some(limit) = launch.silence_limit.filter(|l| silent >= *l) {
+                    let _ = child.kill();
+                    break Some(Ended::L1Died {
+                        why: format!(
+                            "the command printed nothing for {:.0} s, past the {limit:?} that \
+                             only a wedged L1 (its clock stopped) stays silent; {states}",
+                            silent.as_secs_f64()
+                        ),
+                    });
+                }
+                last_output = Instant::now();
+                continue;
+            }
             Err(RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 if exit_code.is_some() {

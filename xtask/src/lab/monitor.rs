@@ -1,0 +1,202 @@
+//! The lab QEMU's human monitor (HMP), used only to tell what a silent L1 is doing: its
+//! vCPUs' instruction pointers, privilege levels and halt states, with kernel addresses
+//! named from the L1 kernel's `/proc/kallsyms`, saved once per kernel (the lab boots it with
+//! `nokaslr`, so the addresses stay valid).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+/// The HMP prompt that ends every answer.
+const PROMPT: &str = "(qemu) ";
+/// Limit of one monitor exchange.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One vCPU as `info registers -a` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuState {
+    /// QEMU's CPU index.
+    pub index: u32,
+    /// RIP.
+    pub rip: u64,
+    /// Current privilege level (0 = kernel, 3 = user).
+    pub cpl: u8,
+    /// Halted (idle, waiting for an interrupt).
+    pub halted: bool,
+}
+
+/// Runs `info registers -a` on the monitor socket and returns every vCPU's state.
+pub fn cpu_states(socket: &Path) -> Result<Vec<CpuState>> {
+    let stream = UnixStream::connect(socket)
+        .with_context(|| format!("Cannot connect to the lab monitor {}", socket.display()))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    read_to_prompt(&mut reader).context("No monitor banner")?;
+    (&stream).write_all(b"info registers -a\n")?;
+    let text = read_to_prompt(&mut reader).context("No answer to info registers")?;
+    Ok(parse_registers(&text))
+}
+
+fn read_to_prompt(reader: &mut impl BufRead) -> Result<String> {
+    let mut text = String::new();
+    let mut byte = [0u8; 1];
+    while !text.ends_with(PROMPT) {
+        if reader.read(&mut byte)? == 0 {
+            anyhow::bail!("the monitor closed the connection");
+        }
+        text.push(char::from(byte[0]));
+    }
+    Ok(text)
+}
+
+/// Parses `info registers -a`: a `CPU#n` line starts each vCPU, and its `RIP=… CPL=n …
+/// HLT=n` line gives the state.
+pub fn parse_registers(text: &str) -> Vec<CpuState> {
+    let mut out = Vec::new();
+    let mut index = 0;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("CPU#") {
+            index = rest
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .unwrap_or(index);
+            continue;
+        }
+        if !line.starts_with("RIP=") {
+            continue;
+        }
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_owned)
+        };
+        let Some(rip) = field("RIP=").and_then(|v| u64::from_str_radix(&v, 16).ok()) else {
+            continue;
+        };
+        out.push(CpuState {
+            index,
+            rip,
+            cpl: field("CPL=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u8::MAX),
+            halted: field("HLT=").is_some_and(|v| v == "1"),
+        });
+    }
+    out
+}
+
+/// Kernel text symbols (`/proc/kallsyms` or `System.map` format), sorted by address.
+#[derive(Debug, Default)]
+pub struct SymbolMap(Vec<(u64, String)>);
+
+impl SymbolMap {
+    /// Reads `address type name [module]` lines; keeps text symbols.
+    pub fn parse(text: &str) -> Self {
+        let mut syms: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+                let kind = f.next()?;
+                let name = f.next()?;
+                matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_owned()))
+            })
+            .collect();
+        syms.sort();
+        Self(syms)
+    }
+
+    /// Loads `path`; an unreadable map gives an empty one (addresses stay unnamed).
+    pub fn load(path: &Path) -> Self {
+        std::fs::read_to_string(path)
+            .map(|t| Self::parse(&t))
+            .unwrap_or_default()
+    }
+
+    /// `symbol+0xoff` for a kernel address, if a symbol precedes it.
+    pub fn name(&self, addr: u64) -> Option<String> {
+        let i = self.0.partition_point(|(a, _)| *a <= addr).checked_sub(1)?;
+        let (base, name) = &self.0[i];
+        Some(format!("{name}+{:#x}", addr - base))
+    }
+}
+
+/// One line per vCPU: where it is and in which mode.
+pub fn describe(states: &[CpuState], map: &SymbolMap) -> String {
+    states
+        .iter()
+        .map(|s| {
+            let mode = match (s.halted, s.cpl) {
+                (true, _) => "halted".to_owned(),
+                (false, 0) => "kernel".to_owned(),
+                (false, 3) => "user".to_owned(),
+                (false, n) => format!("CPL {n}"),
+            };
+            let name = if s.cpl == 0 { map.name(s.rip) } else { None };
+            format!(
+                "L1 vCPU {}: {mode} RIP={:#x}{}",
+                s.index,
+                s.rip,
+                name.map(|n| format!(" ({n})")).unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "info registers -a\r\n\r\nCPU#0\r\n\
+RAX=0000000000000000 RBX=ffffffff82613940 RCX=0000000000000001 RDX=0000000000000000\r\n\
+RIP=ffffffff81a2c7ce RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n\
+\r\nCPU#1\r\n\
+RIP=00007f12d4a1b2c3 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qemu) ";
+
+    #[test]
+    fn parses_every_cpu() {
+        let s = parse_registers(SAMPLE);
+        assert_eq!(
+            s,
+            vec![
+                CpuState {
+                    index: 0,
+                    rip: 0xffffffff81a2c7ce,
+                    cpl: 0,
+                    halted: true
+                },
+                CpuState {
+                    index: 1,
+                    rip: 0x7f12d4a1b2c3,
+                    cpl: 3,
+                    halted: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn names_kernel_addresses() {
+        let map = SymbolMap::parse(
+            "ffffffff81000000 T _stext\nffffffff81a2c7c0 T default_idle\n\
+             ffffffff81a2c800 t later\nffffffff82000000 D some_data\n",
+        );
+        assert_eq!(
+            map.name(0xffffffff81a2c7ce).as_deref(),
+            Some("default_idle+0xe")
+        );
+        assert_eq!(map.name(0x1000), None);
+        let text = describe(&parse_registers(SAMPLE), &map);
+        assert_eq!(
+            text,
+            "L1 vCPU 0: halted RIP=0xffffffff81a2c7ce (default_idle+0xe); \
+             L1 vCPU 1: user RIP=0x7f12d4a1b2c3"
+        );
+    }
+}

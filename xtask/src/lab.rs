@@ -24,6 +24,7 @@
 //! lab are fresh tmpfs; everything else outside the shares is read-only.
 
 mod console;
+pub mod hold_kvm;
 mod image;
 mod monitor;
 pub mod probe;
@@ -160,9 +161,15 @@ impl LabRun {
         let job = tempfile::Builder::new().prefix("husk-lab-").tempdir()?;
         fs::write(job.path().join("config.sh"), config_script(&rw_shares)?)?;
         let env = self.environment()?;
+        // The KVM holder first (lab/hold_kvm.rs): this binary is at the same path in the L1.
+        let holder = std::env::current_exe().context("Cannot find the xtask binary")?;
         fs::write(
             job.path().join("run.sh"),
-            run_script(&cwd, &env, &self.command),
+            format!(
+                "{} lab-hold-kvm </dev/null >/dev/null &\n{}",
+                shell_quote(&holder.to_string_lossy()),
+                run_script(&cwd, &env, &self.command)
+            ),
         )?;
 
         let symbols = crate::cache::cache_dir()?
@@ -390,7 +397,6 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// A fresh random hex string for the console markers.
 /// Moves the kernel symbols an L1 wrote into the job directory to the cache.
 fn keep_symbols(job_dir: &Path, cache: &Path) {
     let written = job_dir.join(qemu::KALLSYMS);
@@ -402,6 +408,7 @@ fn keep_symbols(job_dir: &Path, cache: &Path) {
     }
 }
 
+/// A fresh random hex string for the console markers.
 fn nonce() -> Result<String> {
     let mut bytes = [0u8; 8];
     fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;

@@ -41,6 +41,9 @@ enum Cmd {
     Demo(demo::Args),
     /// Benchmarks (BENCHMARKS.md).
     Bench(bench::Args),
+    /// Inside the lab's L1 only: hold one idle KVM VM for the run (see lab/hold_kvm.rs).
+    #[command(hide = true)]
+    LabHoldKvm,
 }
 
 fn main() -> Result<()> {
@@ -68,5 +71,6 @@ fn main() -> Result<()> {
         Cmd::BootCheck(args) => boot_check::run(&args),
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::LabHoldKvm => lab::hold_kvm::run(),
     }
 }

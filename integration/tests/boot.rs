@@ -167,6 +167,10 @@ fn sigusr1_logs_a_state_dump_and_the_guest_keeps_running() {
             !exits.contains("[0]"),
             "a booted vCPU never exited: {exits}"
         );
+        assert!(
+            exits.contains("vCPU 0: RIP=0x") && exits.contains("CR3=0x"),
+            "no registers of vCPU 0 in the dump: {exits}"
+        );
         // SIGUSR1 only reports: the VM and the agent go on.
         client.check().await.expect("Health.Check after SIGUSR1");
         assert!(vm.try_exit().is_none(), "husk-vmm exited on SIGUSR1");

@@ -314,6 +314,11 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         .map(|(id, fd)| Vcpu::new(fd, id as u8, buses.clone(), exit.clone()))
         .collect();
     let exit_counters: Vec<_> = vcpus.iter().map(Vcpu::exit_counter).collect();
+    let probes: Vec<_> = vcpus.iter().map(Vcpu::regs_probe).collect();
+    crate::vcpu::install_kick_handler().map_err(BuildError::Thread)?;
+    // The vCPU threads' handles, filled in once they are spawned below.
+    let vcpu_threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
+    let dump_threads = vcpu_threads.clone();
     let dump_vsock = vsock.clone();
     let dumps: Vec<StateDump> = vec![
         Box::new(move || {
@@ -321,7 +326,23 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
                 .iter()
                 .map(|c| c.load(std::sync::atomic::Ordering::Relaxed).to_string())
                 .collect();
-            format!("vCPU exits so far: [{}]", counts.join(", "))
+            let threads = crate::devices::lock(&dump_threads);
+            let regs: Vec<String> = probes
+                .iter()
+                .zip(threads.iter())
+                .enumerate()
+                .map(|(i, (probe, thread))| {
+                    format!(
+                        "vCPU {i}: {}",
+                        probe.read(thread, std::time::Duration::from_millis(300))
+                    )
+                })
+                .collect();
+            format!(
+                "vCPU exits so far: [{}]; {}",
+                counts.join(", "),
+                regs.join("; ")
+            )
         }),
         Box::new(move || crate::devices::lock(&dump_vsock).state_dump()),
     ];
@@ -352,10 +373,11 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
 
     // vCPU threads.
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("husk-vcpu{id}"))
             .spawn(move || vcpu.run())
             .map_err(BuildError::Thread)?;
+        crate::devices::lock(&vcpu_threads).push(handle);
     }
     tracing::info!(
         vcpus = config.vcpus,

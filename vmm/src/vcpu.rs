@@ -2,8 +2,9 @@
 //! shared buses. Exits that end the VM (triple fault, KVM errors) are reported through the
 //! [`ExitNotifier`]; the thread then stops running its vCPU.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_DELIVERY_EV, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_SIMUL_EX,
@@ -31,8 +32,60 @@ pub struct Vcpu {
     buses: Buses,
     exit: ExitNotifier,
     /// KVM_RUN returns so far (shown by the SIGUSR1 state dump: a guest that still runs
-    /// keeps exiting for its timer and devices).
+    /// keeps exiting for its devices).
     exits: Arc<AtomicU64>,
+    /// Register requests of the state dump.
+    probe: Arc<RegsProbe>,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does nothing).
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op handler of the kick signal; call before the vCPU threads start.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// A request for one vCPU's registers, answered by its own thread between two `KVM_RUN`s
+/// (registers can only be read there). For the SIGUSR1 state dump: where a guest that
+/// stopped answering is.
+#[derive(Debug, Default)]
+pub struct RegsProbe {
+    requested: AtomicBool,
+    answer: Mutex<Option<String>>,
+}
+
+impl RegsProbe {
+    /// Asks `thread` (the vCPU's) for its registers, kicking it out of `KVM_RUN` every
+    /// 20 ms, for at most `wait`.
+    pub fn read(&self, thread: &std::thread::JoinHandle<()>, wait: Duration) -> String {
+        use vmm_sys_util::signal::Killable;
+        *crate::devices::lock(&self.answer) = None;
+        self.requested.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + wait;
+        loop {
+            if thread.is_finished() {
+                return "its thread has ended".into();
+            }
+            // The handle keeps the thread's descriptor, so the signal cannot reach another.
+            if let Err(e) = thread.kill(kick_signal()) {
+                return format!("cannot kick it ({e})");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            if let Some(answer) = crate::devices::lock(&self.answer).take() {
+                return answer;
+            }
+            if Instant::now() >= deadline {
+                self.requested.store(false, Ordering::SeqCst);
+                return format!("no answer within {wait:?}");
+            }
+        }
+    }
 }
 
 /// A human-readable name for a KVM internal error suberror (linux `include/uapi/linux/kvm.h`).
@@ -55,7 +108,29 @@ impl Vcpu {
             buses,
             exit,
             exits: Arc::new(AtomicU64::new(0)),
+            probe: Arc::new(RegsProbe::default()),
         }
+    }
+
+    /// The register probe of this vCPU, for state dumps.
+    pub fn regs_probe(&self) -> Arc<RegsProbe> {
+        self.probe.clone()
+    }
+
+    fn answer_probe(&self) {
+        let text = match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "RIP={:#x} RSP={:#x} RFLAGS={:#x} IF={} CPL={} CR3={:#x}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                (r.rflags >> 9) & 1,
+                s.cs.selector & 3,
+                s.cr3
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("cannot read its registers ({e})"),
+        };
+        *crate::devices::lock(&self.probe.answer) = Some(text);
     }
 
     /// The count of KVM_RUN returns, for state dumps.
@@ -91,6 +166,9 @@ impl Vcpu {
     pub fn run(mut self) {
         loop {
             self.exits.fetch_add(1, Ordering::Relaxed);
+            if self.probe.requested.swap(false, Ordering::SeqCst) {
+                self.answer_probe();
+            }
             let event = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.buses.pio.read(u64::from(port), data) {
@@ -132,12 +210,20 @@ impl Vcpu {
                     "KVM_EXIT_FAIL_ENTRY on vCPU {} (host cpu {cpu}): hardware entry failure reason {reason:#x}",
                     self.id
                 )),
-                Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => continue,
+                Ok(VcpuExit::Intr) => {
+                    // A kick (signal), not the guest: not counted as an exit.
+                    self.exits.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+                Ok(VcpuExit::IrqWindowOpen) => continue,
                 Ok(other) => ExitEvent::VmmError(format!(
                     "unexpected KVM exit on vCPU {}: {other:?}",
                     self.id
                 )),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.exits.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
                 Err(e) => ExitEvent::VmmError(format!("KVM_RUN failed on vCPU {}: {e}", self.id)),
             };
             self.exit.notify(event);

@@ -27,9 +27,10 @@ done
 [ -c /dev/kvm ] || die "no /dev/kvm after loading kvm_amd"
 dmesg | grep -q "Nested Paging enabled" || die "kvm_amd loaded without nested paging"
 echo "HUSK-LAB-KVM $NONCE"
-# From here the console belongs to the command: keep kernel messages off it, unless the
-# lab was started verbose (HUSK_LAB_VERBOSE=1 boots without `quiet`).
-grep -qw quiet /proc/cmdline && echo 1 > /proc/sys/kernel/printk
+# From here the console belongs to the command: keep routine kernel messages off it, unless
+# the lab was started verbose (HUSK_LAB_VERBOSE=1 boots without `quiet`). Level 5 still shows
+# warnings and oopses with their traces: an L1 that dies says where.
+grep -qw quiet /proc/cmdline && echo 5 > /proc/sys/kernel/printk
 
 P9="trans=virtio,version=9p2000.L,msize=512000"
 mkdir -p /job /newroot

@@ -34,8 +34,11 @@ const INTEGRATION_CRATE: &str = "husk-integration";
 /// The variable naming the busybox root file system (a host directory) for the tests.
 const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
 /// How many times per suite a test binary is run again because the lab's L1 (not a guest of
-/// ours) died under it. Always printed; a failure a test reports is never retried.
-const L1_RETRIES: u32 = 1;
+/// ours) died or wedged under it. Always printed; a failure a test reports is never retried.
+/// Two: session 7 saw an L1 failure in about half of the e2e binary's runs (BENCHMARKS.md),
+/// and a retry costs at most the silence limit plus one run of that binary (about 13 min
+/// here), which two of still fit CI's 90 minutes.
+const L1_RETRIES: u32 = 2;
 /// Limit for one component test binary in the lab. The slowest (the containerd end-to-end
 /// tests) takes 4–7 min there; an L1 that wedges (seen: idle, no output, no timer firing
 /// inside it) is cut off after this, so one wedge cannot eat CI's 90 minutes. Not retried: a
@@ -43,9 +46,9 @@ const L1_RETRIES: u32 = 1;
 const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A lab test binary that prints nothing for this long has a wedged L1 under it, not a hang
 /// of ours: every wait in the tests gives up (and prints) within 4 min (`CTR_TIMEOUT`, the
-/// longest), so only an L1 whose clock stopped stays silent for 8. It counts as the L1
+/// longest), so only a wedged L1 keeps a test binary silent for 6. It counts as the L1
 /// dying (one re-run per suite); the lab prints the L1's vCPU states every 2 min of silence.
-const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(8 * 60);
+const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(6 * 60);
 
 /// Runs everything.
 pub fn run(args: &Args) -> Result<()> {
@@ -109,16 +112,17 @@ pub fn run(args: &Args) -> Result<()> {
                 run_component_binary(bin, env, mode, args.filter.as_deref())
             })
         };
-        let code = match run() {
-            Err(e) if l1_retries < L1_RETRIES && e.chain().any(|c| c.is::<lab::L1Died>()) => {
-                l1_retries += 1;
-                eprintln!(
-                    "==> LAB RETRY ({l1_retries}/{L1_RETRIES} per suite): the lab's L1 itself \
-                     died while {name} ran ({e:#}); running {name} again from the start"
-                );
-                run()?
+        let code = loop {
+            match run() {
+                Err(e) if l1_retries < L1_RETRIES && e.chain().any(|c| c.is::<lab::L1Died>()) => {
+                    l1_retries += 1;
+                    eprintln!(
+                        "==> LAB RETRY ({l1_retries}/{L1_RETRIES} per suite): the lab's L1 itself \
+                         died while {name} ran ({e:#}); running {name} again from the start"
+                    );
+                }
+                other => break other?,
             }
-            other => other?,
         };
         if code != 0 {
             failed.push(format!("{name} (exit status {code})"));

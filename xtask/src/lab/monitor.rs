@@ -26,9 +26,14 @@ pub struct CpuState {
     pub cpl: u8,
     /// Halted (idle, waiting for an interrupt).
     pub halted: bool,
+    /// Interrupt vectors pending in its local APIC. A halted vCPU with pending vectors and
+    /// interrupts enabled is one the emulator no longer wakes (seen: both L1 vCPUs so, an
+    /// NMI from the monitor ignored too, as if SVM's global interrupt flag stayed clear).
+    pub irr: Vec<u8>,
 }
 
-/// Runs `info registers -a` on the monitor socket and returns every vCPU's state.
+/// Runs `info registers -a` and `info lapic N` on the monitor socket and returns every
+/// vCPU's state.
 pub fn cpu_states(socket: &Path) -> Result<Vec<CpuState>> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("Cannot connect to the lab monitor {}", socket.display()))?;
@@ -38,7 +43,25 @@ pub fn cpu_states(socket: &Path) -> Result<Vec<CpuState>> {
     read_to_prompt(&mut reader).context("No monitor banner")?;
     (&stream).write_all(b"info registers -a\n")?;
     let text = read_to_prompt(&mut reader).context("No answer to info registers")?;
-    Ok(parse_registers(&text))
+    let mut states = parse_registers(&text);
+    for s in &mut states {
+        (&stream).write_all(format!("info lapic {}\n", s.index).as_bytes())?;
+        let text = read_to_prompt(&mut reader).context("No answer to info lapic")?;
+        s.irr = parse_irr(&text);
+    }
+    Ok(states)
+}
+
+/// The vectors of the `IRR` line of `info lapic` (requested, not yet delivered).
+pub fn parse_irr(text: &str) -> Vec<u8> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("IRR"))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn read_to_prompt(reader: &mut impl BufRead) -> Result<String> {
@@ -85,6 +108,7 @@ pub fn parse_registers(text: &str) -> Vec<CpuState> {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(u8::MAX),
             halted: field("HLT=").is_some_and(|v| v == "1"),
+            irr: Vec::new(),
         });
     }
     out
@@ -138,8 +162,14 @@ pub fn describe(states: &[CpuState], map: &SymbolMap) -> String {
                 (false, n) => format!("CPL {n}"),
             };
             let name = if s.cpl == 0 { map.name(s.rip) } else { None };
+            let irr = if s.irr.is_empty() {
+                String::new()
+            } else {
+                let v: Vec<String> = s.irr.iter().map(u8::to_string).collect();
+                format!(", IRR pending {}", v.join(" "))
+            };
             format!(
-                "L1 vCPU {}: {mode} RIP={:#x}{}",
+                "L1 vCPU {}: {mode} RIP={:#x}{}{irr}",
                 s.index,
                 s.rip,
                 name.map(|n| format!(" ({n})")).unwrap_or_default()
@@ -159,6 +189,9 @@ RIP=ffffffff81a2c7ce RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n\
 \r\nCPU#1\r\n\
 RIP=00007f12d4a1b2c3 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qemu) ";
 
+    const LAPIC: &str = "dumping local APIC state for CPU 0 \r\n\
+ISR\t (none)\r\nIRR\t 236 251 253 \r\nAPR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x10\r\n(qemu) ";
+
     #[test]
     fn parses_every_cpu() {
         let s = parse_registers(SAMPLE);
@@ -169,13 +202,15 @@ RIP=00007f12d4a1b2c3 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qem
                     index: 0,
                     rip: 0xffffffff81a2c7ce,
                     cpl: 0,
-                    halted: true
+                    halted: true,
+                    irr: vec![]
                 },
                 CpuState {
                     index: 1,
                     rip: 0x7f12d4a1b2c3,
                     cpl: 3,
-                    halted: false
+                    halted: false,
+                    irr: vec![]
                 },
             ]
         );
@@ -192,11 +227,14 @@ RIP=00007f12d4a1b2c3 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qem
             Some("default_idle+0xe")
         );
         assert_eq!(map.name(0x1000), None);
-        let text = describe(&parse_registers(SAMPLE), &map);
+        let mut states = parse_registers(SAMPLE);
+        states[0].irr = parse_irr(LAPIC);
+        let text = describe(&states, &map);
         assert_eq!(
             text,
-            "L1 vCPU 0: halted RIP=0xffffffff81a2c7ce (default_idle+0xe); \
+            "L1 vCPU 0: halted RIP=0xffffffff81a2c7ce (default_idle+0xe), IRR pending 236 251 253; \
              L1 vCPU 1: user RIP=0x7f12d4a1b2c3"
         );
+        assert!(parse_irr("ISR\t (none)\r\nIRR\t (none)\r\n").is_empty());
     }
 }

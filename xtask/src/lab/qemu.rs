@@ -125,7 +125,7 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     // quiet: every console byte is slow under emulation; mitigations=off: page-table
     // isolation and retpolines only slow TCG down; reboot=t + -no-reboot: the lab's
     // `reboot -f` (and a panic, via panic=-1) ends QEMU. nokaslr: the silence report
-    // names kernel addresses from System.map.
+    // names kernel addresses from the kallsyms an earlier boot saved.
     //
     // tsc_early_khz: under a loaded host the L1's PIT calibration of the TSC can fail
     // ("tsc: Unable to calibrate against PIT ... Marking TSC unstable") and the boot then
@@ -265,8 +265,8 @@ pub fn launch_once(
                     let _ = child.kill();
                     break Some(Ended::L1Died {
                         why: format!(
-                            "the command printed nothing for {:.0} s, past the {limit:?} that \
-                             only a wedged L1 (its clock stopped) stays silent; {states}",
+                            "the command printed nothing for {:.0} s, longer than it ever waits \
+                             without printing ({limit:?}): the L1 is wedged; {states}",
                             silent.as_secs_f64()
                         ),
                     });

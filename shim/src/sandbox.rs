@@ -295,7 +295,7 @@ impl Sandbox {
         let vmm_pid = vmm.id();
         info!(
             sandbox = id,
-            vmm_pid = vmm.id(),
+            vmm_pid,
             virtiofsd_pid = virtiofsd.id(),
             "pod VM starting"
         );

@@ -165,11 +165,17 @@ impl Vcpu {
     /// Runs the vCPU until the VM ends.
     pub fn run(mut self) {
         loop {
-            self.exits.fetch_add(1, Ordering::Relaxed);
             if self.probe.requested.swap(false, Ordering::SeqCst) {
                 self.answer_probe();
             }
-            let event = match self.fd.run() {
+            let result = self.fd.run();
+            // A kick (a signal, as the state dump sends) is not the guest exiting.
+            let kicked = matches!(result, Ok(VcpuExit::Intr))
+                || matches!(&result, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
+            if !kicked {
+                self.exits.fetch_add(1, Ordering::Relaxed);
+            }
+            let event = match result {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.buses.pio.read(u64::from(port), data) {
                         data.fill(0xff);
@@ -210,20 +216,12 @@ impl Vcpu {
                     "KVM_EXIT_FAIL_ENTRY on vCPU {} (host cpu {cpu}): hardware entry failure reason {reason:#x}",
                     self.id
                 )),
-                Ok(VcpuExit::Intr) => {
-                    // A kick (signal), not the guest: not counted as an exit.
-                    self.exits.fetch_sub(1, Ordering::Relaxed);
-                    continue;
-                }
-                Ok(VcpuExit::IrqWindowOpen) => continue,
+                Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => continue,
                 Ok(other) => ExitEvent::VmmError(format!(
                     "unexpected KVM exit on vCPU {}: {other:?}",
                     self.id
                 )),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.exits.fetch_sub(1, Ordering::Relaxed);
-                    continue;
-                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => ExitEvent::VmmError(format!("KVM_RUN failed on vCPU {}: {e}", self.id)),
             };
             self.exit.notify(event);

@@ -40,14 +40,15 @@ const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
 /// here), which two of still fit CI's 90 minutes.
 const L1_RETRIES: u32 = 2;
 /// Limit for one component test binary in the lab. The slowest (the containerd end-to-end
-/// tests) takes 4–7 min there; an L1 that wedges (seen: idle, no output, no timer firing
-/// inside it) is cut off after this, so one wedge cannot eat CI's 90 minutes. Not retried: a
-/// hang might be ours.
+/// tests) takes 4–7 min there. A wedged L1 goes silent and is caught by
+/// [`LAB_SILENCE_LIMIT`] first; a binary that keeps printing past this limit is cut off and
+/// not retried (that hang might be ours), so it cannot eat CI's 90 minutes.
 const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A lab test binary that prints nothing for this long has a wedged L1 under it, not a hang
 /// of ours: every wait in the tests gives up (and prints) within 4 min (`CTR_TIMEOUT`, the
 /// longest), so only a wedged L1 keeps a test binary silent for 6. It counts as the L1
-/// dying (one re-run per suite); the lab prints the L1's vCPU states every 2 min of silence.
+/// dying (a re-run, within [`L1_RETRIES`]); the lab prints the L1's vCPU states every 2 min
+/// of silence and checks this limit at those reports.
 const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(6 * 60);
 
 /// Runs everything.

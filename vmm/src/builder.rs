@@ -311,7 +311,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     let vcpus: Vec<Vcpu> = vcpu_fds
         .into_iter()
         .enumerate()
-        .map(|(id, fd)| Vcpu::new(fd, id as u8, buses.clone(), exit.clone()))
+        .map(|(id, fd)| Vcpu::new(fd, id as u8, buses.clone(), exit.clone(), mem.clone()))
         .collect();
     let exit_counters: Vec<_> = vcpus.iter().map(Vcpu::exit_counter).collect();
     let probes: Vec<_> = vcpus.iter().map(Vcpu::regs_probe).collect();

@@ -36,6 +36,8 @@ pub struct Vcpu {
     exits: Arc<AtomicU64>,
     /// Register requests of the state dump.
     probe: Arc<RegsProbe>,
+    /// Guest memory, to show the code at RIP and the top of the stack in the state dump.
+    mem: crate::memory::GuestMemory,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN` (its handler does nothing).
@@ -88,6 +90,19 @@ impl RegsProbe {
     }
 }
 
+/// `bytes` as little-endian words of `word` bytes in hex, separated by spaces (x86 order: the
+/// stack's return addresses read as addresses).
+fn hex_words(bytes: &[u8], word: usize) -> String {
+    let words: Vec<String> = bytes
+        .chunks(word.max(1))
+        .map(|c| {
+            let v = c.iter().rev().fold(0u64, |v, b| (v << 8) | u64::from(*b));
+            format!("{v:0w$x}", w = c.len() * 2)
+        })
+        .collect();
+    words.join(" ")
+}
+
 /// A human-readable name for a KVM internal error suberror (linux `include/uapi/linux/kvm.h`).
 pub fn internal_error_name(suberror: u32) -> &'static str {
     match suberror {
@@ -101,12 +116,19 @@ pub fn internal_error_name(suberror: u32) -> &'static str {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(fd: VcpuFd, id: u8, buses: Buses, exit: ExitNotifier) -> Self {
+    pub fn new(
+        fd: VcpuFd,
+        id: u8,
+        buses: Buses,
+        exit: ExitNotifier,
+        mem: crate::memory::GuestMemory,
+    ) -> Self {
         Self {
             fd,
             id,
             buses,
             exit,
+            mem,
             exits: Arc::new(AtomicU64::new(0)),
             probe: Arc::new(RegsProbe::default()),
         }
@@ -130,7 +152,36 @@ impl Vcpu {
             ),
             (Err(e), _) | (_, Err(e)) => format!("cannot read its registers ({e})"),
         };
+        let text = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "{text}; code at RIP: {}; stack from RSP: {}",
+                self.guest_bytes(r.rip, 16, 1),
+                self.guest_bytes(r.rsp, 64, 8)
+            ),
+            Err(_) => text,
+        };
         *crate::devices::lock(&self.probe.answer) = Some(text);
+    }
+
+    /// `len` bytes at guest virtual address `gva` (translated by the vCPU's own MMU), in hex,
+    /// grouped in little-endian words of `word` bytes, or why they cannot be read.
+    fn guest_bytes(&self, gva: u64, len: usize, word: usize) -> String {
+        use vm_memory::{Bytes, GuestAddress};
+        let t = match self.fd.translate_gva(gva) {
+            Ok(t) if t.valid != 0 => t,
+            Ok(_) => return format!("{gva:#x} is not mapped"),
+            Err(e) => return format!("cannot translate {gva:#x} ({e})"),
+        };
+        // Stay inside the page: the next one may map elsewhere.
+        let len = len.min(0x1000 - (t.physical_address & 0xfff) as usize);
+        let mut buf = vec![0u8; len];
+        if let Err(e) = self
+            .mem
+            .read_slice(&mut buf, GuestAddress(t.physical_address))
+        {
+            return format!("gpa {:#x}: cannot read ({e})", t.physical_address);
+        }
+        format!("gpa {:#x} [{}]", t.physical_address, hex_words(&buf, word))
     }
 
     /// The count of KVM_RUN returns, for state dumps.
@@ -238,5 +289,16 @@ mod tests {
     fn internal_error_names() {
         assert_eq!(internal_error_name(1), "emulation failure");
         assert_eq!(internal_error_name(99), "unknown");
+    }
+
+    #[test]
+    fn hex_words_are_little_endian_words() {
+        let bytes = [
+            0x0f, 0x0b, 0x90, 0xc3, 0x10, 0x32, 0x54, 0x76, 0x98, 0xba, 0xdc, 0xfe,
+        ];
+        assert_eq!(hex_words(&bytes[..4], 1), "0f 0b 90 c3");
+        assert_eq!(hex_words(&bytes[4..], 8), "fedcba9876543210");
+        // A short last word keeps its own width.
+        assert_eq!(hex_words(&bytes[..10], 8), "76543210c3900b0f ba98");
     }
 }

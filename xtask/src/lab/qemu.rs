@@ -107,9 +107,10 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     .iter()
     .map(OsString::from)
     .collect();
-    // Multi-threaded TCG: one host thread per L1 vCPU. `thread=single` was tried against
-    // the wedges (lab/hold_kvm.rs) and was worse: the slower L2 guests hit emulation faults
-    // (recursive page faults, a vCPU that stopped exiting) in 2 of the first 3 e2e tests.
+    // Multi-threaded TCG: one host thread per L1 vCPU (the lab now runs one L1 vCPU by
+    // default, lab::DEFAULT_SMP). `thread=single` was tried with two vCPUs against the wedges
+    // (lab/hold_kvm.rs) and was worse: the slower L2 guests hit emulation faults (recursive
+    // page faults, a vCPU that stopped exiting) in 2 of the first 3 e2e tests.
     args.extend(["-accel".into(), "tcg,thread=multi".into()]);
     let mut monitor = OsString::from("unix:");
     monitor.push(escape_qemu_opt(&launch.job_dir.join(MONITOR_SOCKET)));

@@ -85,13 +85,12 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
-/// vCPUs of the L1. One: every lab failure seen so far that was not a test's own (the int3
-/// loop of lab/hold_kvm.rs, L1 stack overflows, an idle L1 with interrupts pending, L2 guests
-/// that triple-fault or freeze mid-run) can come from multi-threaded TCG running the two L1
-/// vCPUs at once, as DESIGN.md found for two-vCPU L2 guests; one vCPU has no cross-vCPU code
-/// patching, TLB shootdowns or IPIs to get wrong. It costs ~13 % on a container cycle
-/// (0.57 s against 0.50 s, BENCHMARKS.md "Lab reliability, session 8").
-pub const DEFAULT_SMP: u32 = 1;
+/// vCPUs of the L1. Two: one vCPU was tried (session 8) against the lab failures that can come
+/// from multi-threaded TCG running two L1 vCPUs at once, and made another failure common: the
+/// lone vCPU halted in the idle loop with its timer interrupt pending and never woken (twice in
+/// ~27 min of lab time, against none in ~60 min with two). BENCHMARKS.md, "Lab reliability,
+/// session 8".
+pub const DEFAULT_SMP: u32 = 2;
 
 /// One lab run.
 #[derive(Debug, Clone)]

@@ -32,6 +32,15 @@ pub struct CpuState {
     pub irr: Vec<u8>,
 }
 
+/// Every vCPU halted and at least one with vectors pending: an L1 the emulator no longer wakes,
+/// when it lasts (a halted vCPU takes a pending vector at once: in the idle loop nothing masks
+/// it).
+pub fn asleep_with_interrupts_pending(states: &[CpuState]) -> bool {
+    !states.is_empty()
+        && states.iter().all(|s| s.halted)
+        && states.iter().any(|s| !s.irr.is_empty())
+}
+
 /// Runs `info registers -a` and `info lapic N` on the monitor socket and returns every
 /// vCPU's state.
 pub fn cpu_states(socket: &Path) -> Result<Vec<CpuState>> {
@@ -191,6 +200,29 @@ RIP=00007f12d4a1b2c3 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qem
 
     const LAPIC: &str = "dumping local APIC state for CPU 0 \r\n\
 ISR\t (none)\r\nIRR\t 236 251 253 \r\nAPR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x10\r\n(qemu) ";
+
+    #[test]
+    fn asleep_with_interrupts_pending_needs_every_vcpu_halted_and_a_vector() {
+        let cpu = |index, halted, irr: &[u8]| CpuState {
+            index,
+            rip: 0xffff_ffff_81a5_92eb,
+            cpl: 0,
+            halted,
+            irr: irr.to_vec(),
+        };
+        assert!(asleep_with_interrupts_pending(&[cpu(0, true, &[236])]));
+        assert!(asleep_with_interrupts_pending(&[
+            cpu(0, true, &[236, 251]),
+            cpu(1, true, &[])
+        ]));
+        // Idle with nothing pending is just idle; a running vCPU is not asleep.
+        assert!(!asleep_with_interrupts_pending(&[cpu(0, true, &[])]));
+        assert!(!asleep_with_interrupts_pending(&[
+            cpu(0, true, &[236]),
+            cpu(1, false, &[])
+        ]));
+        assert!(!asleep_with_interrupts_pending(&[]));
+    }
 
     #[test]
     fn parses_every_cpu() {

@@ -30,6 +30,9 @@ const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// A running command silent this long gets the L1's vCPU states printed (repeatedly), so
 /// a wedged L1 shows where it is stuck before the run timeout kills it.
 const SILENCE_REPORT: Duration = Duration::from_secs(120);
+/// How long an L1 found asleep with interrupts pending is watched again before it counts as
+/// wedged.
+const WEDGE_RECHECK: Duration = Duration::from_secs(5);
 /// The monitor socket's name in the job directory.
 const MONITOR_SOCKET: &str = "hmp.sock";
 /// In the job directory: asks the lab init for the L1's kernel symbols...
@@ -107,10 +110,10 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     .iter()
     .map(OsString::from)
     .collect();
-    // Multi-threaded TCG: one host thread per L1 vCPU (the lab now runs one L1 vCPU by
-    // default, lab::DEFAULT_SMP). `thread=single` was tried with two vCPUs against the wedges
-    // (lab/hold_kvm.rs) and was worse: the slower L2 guests hit emulation faults (recursive
-    // page faults, a vCPU that stopped exiting) in 2 of the first 3 e2e tests.
+    // Multi-threaded TCG: one host thread per L1 vCPU. `thread=single` was tried against
+    // the wedges (lab/hold_kvm.rs) and was worse: the slower L2 guests hit emulation faults
+    // (recursive page faults, a vCPU that stopped exiting) in 2 of the first 3 e2e tests; one
+    // L1 vCPU (lab::DEFAULT_SMP) was worse too.
     args.extend(["-accel".into(), "tcg,thread=multi".into()]);
     let mut monitor = OsString::from("unix:");
     monitor.push(escape_qemu_opt(&launch.job_dir.join(MONITOR_SOCKET)));
@@ -253,15 +256,37 @@ pub fn launch_once(
                     })
                 });
                 let socket = launch.job_dir.join(MONITOR_SOCKET);
-                let states = super::monitor::cpu_states(&socket)
-                    .map(|s| super::monitor::describe(&s, map))
-                    .unwrap_or_else(|e| format!("cannot read them ({e:#})"));
+                let sampled = super::monitor::cpu_states(&socket);
+                let states = match &sampled {
+                    Ok(s) => super::monitor::describe(s, map),
+                    Err(e) => format!("cannot read them ({e:#})"),
+                };
                 let silent = silent_since.elapsed();
                 eprintln!(
                     "lab: the command printed nothing for {:.0} s (ran {:.0} s); {states}",
                     silent.as_secs_f64(),
                     command_started.map_or(0.0, |t: Instant| t.elapsed().as_secs_f64())
                 );
+                // An L1 asleep with interrupts pending, the same 5 s later, is wedged now: no
+                // need to wait out the silence limit (seen: 3 times in 2 sessions).
+                let asleep = launch.silence_limit.is_some()
+                    && sampled.as_ref().is_ok_and(|first| {
+                        super::monitor::asleep_with_interrupts_pending(first) && {
+                            std::thread::sleep(WEDGE_RECHECK);
+                            super::monitor::cpu_states(&socket).is_ok_and(|again| again == *first)
+                        }
+                    });
+                if asleep {
+                    let _ = child.kill();
+                    break Some(Ended::L1Died {
+                        why: format!(
+                            "the command printed nothing for {:.0} s and every L1 vCPU stayed \
+                             halted with interrupts pending for {WEDGE_RECHECK:?}: the emulator \
+                             no longer wakes the L1; {states}",
+                            silent.as_secs_f64()
+                        ),
+                    });
+                }
                 if let Some(limit) = launch.silence_limit.filter(|l| silent >= *l) {
                     let _ = child.kill();
                     break Some(Ended::L1Died {

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use husk_integration::pod::{spec, Pod};
+use husk_integration::vm::last_lines;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -57,9 +58,7 @@ fn kvm_stats(pid: u32) -> String {
 }
 
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    last_lines(&std::fs::read_to_string(path).unwrap_or_default(), lines)
 }
 
 fn watchdog(pid: u32, dir: PathBuf) {

@@ -509,8 +509,7 @@ impl Containerd {
     /// The last lines of containerd's log (which also carries the shims' logs).
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        crate::vm::last_lines(&text, LOG_TAIL_LINES)
     }
 
     /// Removes every task and container of the namespace, as far as containerd lets us.
@@ -562,10 +561,9 @@ impl Drop for Containerd {
             );
             let console = self.dir.path().join("guest-console.log");
             if let Ok(text) = fs::read_to_string(&console) {
-                let lines: Vec<&str> = text.lines().collect();
                 eprintln!(
                     "--- guest consoles ---\n{}\n--- end of guest consoles ---",
-                    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+                    crate::vm::last_lines(&text, LOG_TAIL_LINES)
                 );
             }
         }

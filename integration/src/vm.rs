@@ -262,11 +262,7 @@ impl Vm {
 
     /// A text block with the exit status, the VMM log and the console tail, for failure messages.
     pub fn diagnostics(&self) -> String {
-        let console = self.console();
-        let tail: String = {
-            let lines: Vec<&str> = console.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
+        let tail = last_lines(&self.console(), 40);
         format!(
             "--- exit: {}\n--- husk-vmm log:\n{}\n--- console (last 40 lines):\n{}",
             self.exit
@@ -282,6 +278,12 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Describes an exit status, naming a signal if there was one.

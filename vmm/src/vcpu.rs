@@ -142,23 +142,18 @@ impl Vcpu {
     fn answer_probe(&self) {
         let text = match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => format!(
-                "RIP={:#x} RSP={:#x} RFLAGS={:#x} IF={} CPL={} CR3={:#x}",
+                "RIP={:#x} RSP={:#x} RFLAGS={:#x} IF={} CPL={} CR3={:#x}; code at RIP: {}; \
+                 stack from RSP: {}",
                 r.rip,
                 r.rsp,
                 r.rflags,
                 (r.rflags >> 9) & 1,
                 s.cs.selector & 3,
-                s.cr3
-            ),
-            (Err(e), _) | (_, Err(e)) => format!("cannot read its registers ({e})"),
-        };
-        let text = match self.fd.get_regs() {
-            Ok(r) => format!(
-                "{text}; code at RIP: {}; stack from RSP: {}",
+                s.cr3,
                 self.guest_bytes(r.rip, 16, 1),
                 self.guest_bytes(r.rsp, 64, 8)
             ),
-            Err(_) => text,
+            (Err(e), _) | (_, Err(e)) => format!("cannot read its registers ({e})"),
         };
         *crate::devices::lock(&self.probe.answer) = Some(text);
     }

@@ -276,25 +276,26 @@ pub fn launch_once(
                             super::monitor::cpu_states(&socket).is_ok_and(|again| again == *first)
                         }
                     });
-                if asleep {
-                    let _ = child.kill();
-                    break Some(Ended::L1Died {
-                        why: format!(
-                            "the command printed nothing for {:.0} s and every L1 vCPU stayed \
-                             halted with interrupts pending for {WEDGE_RECHECK:?}: the emulator \
-                             no longer wakes the L1; {states}",
-                            silent.as_secs_f64()
-                        ),
-                    });
-                }
-                if let Some(limit) = launch.silence_limit.filter(|l| silent >= *l) {
-                    let _ = child.kill();
-                    break Some(Ended::L1Died {
-                        why: format!(
+                let wedged = if asleep {
+                    Some(format!(
+                        "the command printed nothing for {:.0} s and every L1 vCPU stayed \
+                         halted with interrupts pending for {WEDGE_RECHECK:?}: the emulator no \
+                         longer wakes the L1",
+                        silent.as_secs_f64()
+                    ))
+                } else {
+                    launch.silence_limit.filter(|l| silent >= *l).map(|limit| {
+                        format!(
                             "the command printed nothing for {:.0} s, longer than it ever waits \
-                             without printing ({limit:?}): the L1 is wedged; {states}",
+                             without printing ({limit:?}): the L1 is wedged",
                             silent.as_secs_f64()
-                        ),
+                        )
+                    })
+                };
+                if let Some(why) = wedged {
+                    let _ = child.kill();
+                    break Some(Ended::L1Died {
+                        why: format!("{why}; {states}"),
                     });
                 }
                 last_output = Instant::now();

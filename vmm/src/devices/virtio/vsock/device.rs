@@ -317,3 +317,7 @@ impl Subscriber for VsockHandler {
 #[cfg(test)]
 #[path = "device_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "stress_tests.rs"]
+mod stress_tests;

@@ -14,4 +14,5 @@ pub mod install;
 pub mod lab;
 pub mod process;
 pub mod setup;
+pub mod soak;
 pub mod test;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{bench, boot_check, demo, guest, image, install, lab, setup, test};
+use xtask::{bench, boot_check, demo, guest, image, install, lab, setup, soak, test};
 
 /// husk's build, lab, test and benchmark orchestration.
 #[derive(Debug, Parser)]
@@ -41,6 +41,8 @@ enum Cmd {
     Demo(demo::Args),
     /// Benchmarks (BENCHMARKS.md).
     Bench(bench::Args),
+    /// Run one workload again and again: `soak vsock-stress --runs N` (ends `N passed, M failed`).
+    Soak(soak::Args),
     /// Inside the lab's L1 only: hold one idle KVM VM for the run (see lab/hold_kvm.rs).
     #[command(hide = true)]
     LabHoldKvm,
@@ -71,6 +73,7 @@ fn main() -> Result<()> {
         Cmd::BootCheck(args) => boot_check::run(&args),
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
+        Cmd::Soak(args) => soak::run(&args),
         Cmd::LabHoldKvm => lab::hold_kvm::run(),
     }
 }

@@ -11,7 +11,8 @@
 //!
 //! The ring indices start just below 2^16 so even the short run wraps them; descriptor chains are
 //! split at random points (headers included), and connections are torn down and made anew.
-//! `HUSK_VSOCK_STRESS_PACKETS` sets the packet count (default 60,000; the soak uses 1,000,000).
+//! `HUSK_VSOCK_STRESS_PACKETS` sets the packet count (default 60,000) and `HUSK_VSOCK_STRESS_SEED`
+//! the randomness; `cargo xtask soak vsock-stress --runs N` runs it with a new seed each run.
 
 use super::*;
 use crate::event_loop::EventLoop;
@@ -680,21 +681,31 @@ impl<'a> Sim<'a> {
     }
 }
 
-fn packet_budget() -> u64 {
-    std::env::var("HUSK_VSOCK_STRESS_PACKETS")
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
-        .map(|v| v.parse().expect("HUSK_VSOCK_STRESS_PACKETS is a number"))
-        .unwrap_or(60_000)
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} is a number")))
+        .unwrap_or(default)
+}
+
+fn packet_budget() -> u64 {
+    env_u64("HUSK_VSOCK_STRESS_PACKETS", 60_000)
+}
+
+fn seed(test: u64) -> u64 {
+    let seed = env_u64("HUSK_VSOCK_STRESS_SEED", 0x5eed_0000) ^ test;
+    eprintln!("vsock stress: seed {seed:#x}");
+    seed
 }
 
 #[test]
 fn stress_both_ways_without_notification_suppression() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    Sim::new(&mem, 0x5eed_0001, false).run_all(packet_budget() / 2);
+    Sim::new(&mem, seed(1), false).run_all(packet_budget() / 2);
 }
 
 #[test]
 fn stress_both_ways_with_event_idx() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    Sim::new(&mem, 0x5eed_0002, true).run_all(packet_budget() / 2);
+    Sim::new(&mem, seed(2), true).run_all(packet_budget() / 2);
 }

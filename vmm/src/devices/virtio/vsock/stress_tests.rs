@@ -568,13 +568,18 @@ impl<'a> Sim<'a> {
                         for (i, &b) in hostbuf[..n].iter().enumerate() {
                             let at = conn.g2h_read + i as u64;
                             if b != pattern(conn.id, 0, at) {
+                                // Name the stream offset the bytes came from: lost or repeated data.
                                 let got = &hostbuf[i..n.min(i + 16)];
                                 let found = (at.saturating_sub(300_000)..at + 300_000).find(|&o| {
                                     got.iter()
                                         .enumerate()
                                         .all(|(k, &x)| x == pattern(conn.id, 0, o + k as u64))
                                 });
-                                panic!("DEBUG guest→host byte {at} (read chunk {n} at {i}): matches offset {found:?}; sent {}", conn.g2h_sent);
+                                panic!(
+                                    "guest→host byte {at} of conn {} is wrong: the bytes there \
+                                     are stream offset {found:?} (sent {})",
+                                    conn.id, conn.g2h_sent
+                                );
                             }
                         }
                         conn.g2h_read += n as u64;

@@ -424,27 +424,35 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Takes the next used rx buffer: checks its length and that the device wrote nothing
+    /// outside it, then parses the packet.
+    fn take_rx_packet(&mut self) -> Option<(PacketHeader, Vec<u8>)> {
+        let (slot, segs, len) = self.rx.pop_used()?;
+        let cap: u32 = segs.iter().map(|s| s.1).sum();
+        assert!(
+            len as usize >= VSOCK_PKT_HDR_SIZE && len <= cap,
+            "rx used len {len}"
+        );
+        let mut bytes = gather(self.mem, &segs, len as usize);
+        self.rx.check_and_reset(slot, &segs, &bytes, "rx");
+        let hdr = PacketHeader::from(
+            VsockHeader::from_slice(&bytes[..VSOCK_PKT_HDR_SIZE])
+                .copied()
+                .unwrap(),
+        );
+        assert_eq!(
+            len,
+            VSOCK_PKT_HDR_SIZE as u32 + hdr.len,
+            "used length vs header"
+        );
+        bytes.drain(..VSOCK_PKT_HDR_SIZE);
+        Some((hdr, bytes))
+    }
+
     fn reap_rx(&mut self, conn: &mut Conn) {
-        while let Some((slot, segs, len)) = self.rx.pop_used() {
-            let cap: u32 = segs.iter().map(|s| s.1).sum();
-            assert!(
-                len as usize >= VSOCK_PKT_HDR_SIZE && len <= cap,
-                "rx used len {len}"
-            );
-            let bytes = gather(self.mem, &segs, len as usize);
-            self.rx.check_and_reset(slot, &segs, &bytes, "rx");
-            let hdr = PacketHeader::from(
-                VsockHeader::from_slice(&bytes[..VSOCK_PKT_HDR_SIZE])
-                    .copied()
-                    .unwrap(),
-            );
-            assert_eq!(
-                len,
-                VSOCK_PKT_HDR_SIZE as u32 + hdr.len,
-                "used length vs header"
-            );
+        while let Some((hdr, data)) = self.take_rx_packet() {
             self.packets += 1;
-            self.guest_recv(conn, &hdr, &bytes[VSOCK_PKT_HDR_SIZE..]);
+            self.guest_recv(conn, &hdr, &data);
         }
         self.refill_rx();
     }
@@ -503,15 +511,9 @@ impl<'a> Sim<'a> {
             self.el.run_once(5).unwrap();
             let _ = self.irq.irqfd().read();
             self.reap_tx();
-            if let Some((slot, segs, len)) = self.rx.pop_used() {
-                let bytes = gather(self.mem, &segs, len as usize);
-                self.rx.check_and_reset(slot, &segs, &bytes, "rx");
+            if let Some((hdr, _)) = self.take_rx_packet() {
                 self.refill_rx();
-                break PacketHeader::from(
-                    VsockHeader::from_slice(&bytes[..VSOCK_PKT_HDR_SIZE])
-                        .copied()
-                        .unwrap(),
-                );
+                break hdr;
             }
         };
         assert_eq!(req.op, VSOCK_OP_REQUEST);

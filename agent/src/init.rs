@@ -71,6 +71,8 @@ pub fn attach_console() -> Result<(), InitError> {
 pub enum TestFault {
     /// Exit right after announcing ready, so the host sees a dying init as a guest panic.
     ExitAfterReady,
+    /// Fail the init duties before ready, so the host sees the agent's own failure (status 5).
+    FailInit,
 }
 
 /// What the agent reads from the kernel command line.
@@ -96,6 +98,7 @@ impl KernelCmdline {
                 (TEST_FAULT_KEY, "exit_after_ready") => {
                     out.test_fault = Some(TestFault::ExitAfterReady)
                 }
+                (TEST_FAULT_KEY, "fail_init") => out.test_fault = Some(TestFault::FailInit),
                 (LOG_KEY, level) => out.log_level = Some(level.to_owned()),
                 (key, _) if key.starts_with("husk.") => out.unknown.push(word.to_owned()),
                 _ => {}
@@ -118,6 +121,10 @@ pub enum Status {
     Ready = 0x01,
     /// The agent has synced and is about to reset the VM.
     CleanShutdown = 0x02,
+    /// The agent failed and PID 1 is about to exit: the guest dies of the agent's own failure.
+    Failed = 0x03,
+    /// PID 1 (the agent) runs: the guest kernel booted as far as our code.
+    Started = 0x04,
 }
 
 /// Access to the boot/status I/O port; only PID 1 (CAP_SYS_RAWIO) can open it.
@@ -149,6 +156,17 @@ impl StatusPort {
                 in("al") status as u8,
                 options(nomem, nostack, preserves_flags)
             );
+        }
+    }
+}
+
+/// Tells the host that PID 1 is about to exit because the agent failed (best effort: the
+/// failure may be that the port cannot be opened). The host then reports the agent's own
+/// failure (husk-vmm exit status 5), which is never taken for the lab's.
+pub fn report_failure() {
+    if is_pid1() {
+        if let Ok(port) = StatusPort::open() {
+            port.announce(Status::Failed);
         }
     }
 }

@@ -53,6 +53,15 @@ fn main() {
         std::process::exit(container::helper::serve());
     }
     let started = std::time::Instant::now();
+    if init::is_pid1() {
+        // A panic of PID 1 is the agent's own failure too: say so on the status port before
+        // the default hook prints it and the process ends.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            init::report_failure();
+        }));
+    }
     let result = if init::is_pid1() {
         run_as_init(started)
     } else {
@@ -60,8 +69,9 @@ fn main() {
     };
     if let Err(e) = result {
         // Plain stderr (the console as PID 1): logging may not be set up yet. As PID 1 this
-        // exit panics the guest kernel, which the host reports as a guest panic.
+        // exit panics the guest kernel; the status port tells the host it was our failure.
         eprintln!("husk-agent: error: {e:#}");
+        init::report_failure();
         std::process::exit(1);
     }
 }
@@ -124,6 +134,10 @@ fn run_as_init(started: std::time::Instant) -> anyhow::Result<()> {
     mounted.context("Base mounts failed")?;
     init::report_cmdline(&cmdline);
     let port = StatusPort::open().context("No access to the status port")?;
+    port.announce(Status::Started);
+    if cmdline.test_fault == Some(TestFault::FailInit) {
+        anyhow::bail!("test fault fail_init: the init duties fail before ready");
+    }
 
     runtime()?.block_on(async {
         let shutdown = Arc::new(Notify::new());

@@ -34,15 +34,6 @@ pub use leftovers::{pod_processes, Leftovers, Proc, Snapshot, POD_PROGRAMS};
 
 use crate::required_path;
 
-/// What the husk shim's failed Create says when the pod's guest was lost before its agent
-/// answered (shim `sandbox.rs`): it hung, reset (husk-vmm's status 0 for a guest that never
-/// ran the agent protocol) or panicked (status 3). A VMM error (status 1), a virtiofsd failure
-/// or anything else is not among them.
-pub const BOOT_LOST: &[&str] = &[
-    "The guest agent failed while the pod started: The agent did not answer",
-    "The pod's VM ended while starting: husk-vmm exited cleanly",
-    "The pod's VM ended while starting: husk-vmm exited with status 3 (guest panic)",
-];
 /// Debian's containerd.
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 /// Debian's ctr.
@@ -368,9 +359,9 @@ impl Containerd {
     }
 
     /// Runs `ctr args…` with `stdin`. A `ctr run` whose pod's guest was lost before its agent
-    /// answered (the lab's emulated-SVM flake; the shim then fails Create with one of [`BOOT_LOST`])
-    /// is run again within the binary's lab retry budget, loudly, after deleting what the
-    /// failed attempt left in containerd. Nothing else is retried.
+    /// answered (the shim's error says so; [`lab_retry`](crate::lab_retry) decides) is run
+    /// again, loudly, after deleting what the failed attempt left in containerd. Nothing else
+    /// is retried.
     fn ctr_with(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
         loop {
             let out =
@@ -380,21 +371,15 @@ impl Containerd {
             let lost = self.runtime == Runtime::Husk
                 && args.first() == Some(&"run")
                 && !out.status.success()
-                && BOOT_LOST.iter().any(|m| stderr.contains(m));
+                && crate::lab_retry::shim_error_is_early_guest_loss(&stderr);
             if !lost {
                 return out;
             }
-            let used = match crate::take_lab_retry() {
-                Ok(n) => n,
-                Err(_) => return out,
-            };
-            eprintln!(
-                "LAB RETRY {used}/{}: the pod's guest was lost before its agent answered \
-                 (ctr {}): {}",
-                crate::LAB_RETRY_BUDGET,
-                args.join(" "),
-                stderr.trim()
-            );
+            let what = format!("ctr {}", args.join(" "));
+            if let Err(why) = crate::lab_retry::take_guest_retry(&what, stderr.trim()) {
+                eprintln!("{what}: the pod's guest was lost before its agent answered; {why}");
+                return out;
+            }
             if let Some(id) = args
                 .iter()
                 .position(|a| *a == IMAGE)

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod containerd;
+pub mod lab_retry;
 pub mod pod;
 pub mod virtiofsd;
 pub mod vm;
@@ -31,23 +32,6 @@ pub fn required_path(var: &str) -> PathBuf {
              run it through `cargo xtask test`, which builds them and uses the lab where needed"
         ),
     }
-}
-
-/// How many lab-induced guest losses (a guest that died or hung before its agent answered,
-/// DESIGN.md "Host facts") one test binary may absorb, across every kind of test in it.
-pub const LAB_RETRY_BUDGET: u32 = 3;
-static LAB_RETRIES_USED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// Takes one lab retry for a guest lost before its agent answered: `Ok(n)` (the n-th retry of
-/// this binary) in the lab within [`LAB_RETRY_BUDGET`], else `Err(retries already used)`: never
-/// outside the lab. The caller prints `LAB RETRY n/budget` with the reason.
-pub fn take_lab_retry() -> Result<u32, u32> {
-    use std::sync::atomic::Ordering;
-    let used = LAB_RETRIES_USED.fetch_add(1, Ordering::SeqCst) + 1;
-    if kvm_mode() != "lab" || used > LAB_RETRY_BUDGET {
-        return Err(used - 1);
-    }
-    Ok(used)
 }
 
 /// Where the tests run: on a host KVM that boots Linux, or inside the QEMU-TCG lab.

@@ -8,17 +8,14 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::lab_retry::{self, EarlyEnd};
+use crate::required_path;
 use crate::vm::{Vm, VmOptions};
-use crate::{kvm_mode, required_path};
 
 /// How long virtiofsd may take to create its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(15);
-/// Lab-induced early guest deaths one test binary may absorb (as in [`crate::vm`]).
-const LAB_RETRY_BUDGET: u32 = 3;
-static LAB_RETRIES_USED: AtomicU32 = AtomicU32::new(0);
 
 /// A running virtiofsd.
 #[derive(Debug)]
@@ -131,8 +128,9 @@ pub fn wait_console(vm: &mut Vm, marker: &str, timeout: Duration) -> bool {
 
 /// Boots the probe in `mode` against a fresh virtiofsd on `shared` until it prints `PROBE DONE`
 /// and husk-vmm exits, and returns the console. A guest that dies or hangs before the probe
-/// says anything is booted again within a printed lab budget; a `PROBE ERROR`, a VMM error or
-/// anything in direct mode fails the test.
+/// says anything is booted again when [`lab_retry`] finds the lab lost it; a `PROBE ERROR`,
+/// a VMM error, a probe that died by itself (status 5) or anything in direct mode fails the
+/// test.
 pub fn run_probe(shared: &Path, mode: &str, mem_mib: u32, timeout: Duration) -> String {
     loop {
         let dir = tempfile::Builder::new()
@@ -154,12 +152,32 @@ pub fn run_probe(shared: &Path, mode: &str, mem_mib: u32, timeout: Duration) -> 
             );
             return console;
         }
-        let said_something = console.contains("PROBE ");
-        let vmm_error = status.and_then(|s| s.code()) == Some(crate::vm::status::VMM_ERROR);
-        let used = LAB_RETRIES_USED.fetch_add(1, Ordering::SeqCst) + 1;
-        if said_something || vmm_error || kvm_mode() != "lab" || used > LAB_RETRY_BUDGET {
-            panic!("the virtio-fs probe ({mode}) failed\n{diag}");
+        if let Err(why) = early_probe_loss(&mut vm, &console, status.is_none())
+            .and_then(|ev| lab_retry::take_guest_retry(&format!("virtio-fs probe ({mode})"), &ev))
+        {
+            panic!("the virtio-fs probe ({mode}) failed: {why}\n{diag}");
         }
-        eprintln!("LAB RETRY {used}/{LAB_RETRY_BUDGET}: probe guest lost before it ran\n{diag}");
+        eprintln!("{diag}");
     }
+}
+
+/// Whether a probe guest that did not finish was lost to the lab before the probe ran
+/// (`Ok(evidence)`), as [`lab_retry::classify_early_end`] decides for an agent: the probe, our
+/// code, printed nothing yet. `hung`: husk-vmm still ran (it is killed here).
+pub fn early_probe_loss(vm: &mut Vm, console: &str, hung: bool) -> Result<String, String> {
+    if console.contains("PROBE ") {
+        return Err("the probe had already run (it printed PROBE lines)".into());
+    }
+    if hung {
+        vm.kill();
+    }
+    let log = vm.vmm_log();
+    lab_retry::classify_early_end(EarlyEnd {
+        vmm_status: if hung {
+            None
+        } else {
+            vm.try_exit().and_then(|s| s.code())
+        },
+        vmm_log: &log,
+    })
 }

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{kvm_mode, required_path, take_lab_retry, LAB_RETRY_BUDGET};
+use crate::lab_retry::{self, EarlyEnd};
+use crate::required_path;
 
 /// The line husk-vmm logs when the agent writes "ready" to the boot port.
 pub const READY_MARKER: &str = "guest ready boot_ms=";
@@ -31,6 +32,8 @@ pub mod status {
     pub const GUEST_PANIC: i32 = 3;
     /// Stopped by a host signal.
     pub const STOPPED_BY_HOST: i32 = 4;
+    /// The agent (or whatever runs as PID 1) failed before it was ready.
+    pub const AGENT_FAILED: i32 = 5;
 }
 
 /// What to boot.
@@ -75,16 +78,22 @@ pub struct Vm {
     exit: Option<ExitStatus>,
 }
 
-/// How one boot attempt ended before the guest was ready.
+/// How one boot attempt ended.
 enum Attempt {
     Ready(Vm),
-    /// The guest died or hung before the agent was ready, a lab-type failure.
-    GuestLost(Vm, String),
+    /// The guest was not ready in time (`hung`, husk-vmm then killed) or husk-vmm ended
+    /// first; the text says how.
+    NotReady {
+        vm: Vm,
+        how: String,
+        hung: bool,
+    },
 }
 
 impl Vm {
-    /// Boots a guest and waits for the agent to announce ready, retrying lab-induced early
-    /// guest deaths within the budget. Panics (fails the test) on anything else.
+    /// Boots a guest and waits for the agent to announce ready, booting again when the lab
+    /// lost the guest before its agent answered ([`lab_retry`] decides). Panics (fails the
+    /// test) on anything else.
     pub fn boot(opts: &VmOptions) -> Vm {
         Self::boot_with(opts, |_| ()).0
     }
@@ -101,20 +110,26 @@ impl Vm {
             let prepared = prepare(&mut opts);
             match Self::attempt(&opts) {
                 Attempt::Ready(vm) => return (vm, prepared),
-                Attempt::GuestLost(vm, why) => {
+                Attempt::NotReady { vm, how, hung } => {
                     let diag = format!("{}\n--- prepared: {prepared:?}", vm.diagnostics());
-                    let used = match take_lab_retry() {
-                        Ok(n) => n,
-                        Err(used) => panic!(
-                            "guest lost before the agent was ready: {why} \
-                             (kvm mode {}, lab retries used {used}/{LAB_RETRY_BUDGET})\n{diag}",
-                            kvm_mode(),
-                        ),
+                    let log = vm.vmm_log();
+                    let end = EarlyEnd {
+                        vmm_status: if hung {
+                            None
+                        } else {
+                            vm.exit.and_then(|s| s.code())
+                        },
+                        vmm_log: &log,
                     };
-                    eprintln!(
-                        "LAB RETRY {used}/{LAB_RETRY_BUDGET}: guest lost before the agent was \
-                         ready: {why}\n{diag}"
-                    );
+                    let verdict = lab_retry::classify_early_end(end).and_then(|evidence| {
+                        lab_retry::take_guest_retry(&format!("boot ({how})"), &evidence)
+                    });
+                    match verdict {
+                        Ok(_) => eprintln!("{diag}"),
+                        Err(why) => {
+                            panic!("the guest was not ready: {how}; {why}\n{diag}")
+                        }
+                    }
                 }
             }
         }
@@ -130,22 +145,19 @@ impl Vm {
                 return Attempt::Ready(vm);
             }
             if let Some(st) = vm.try_exit() {
-                match st.code() {
-                    Some(status::GUEST_PANIC) => {
-                        return Attempt::GuestLost(vm, format!("husk-vmm exited {st}"))
-                    }
-                    _ => panic!(
-                        "husk-vmm failed before the guest was ready: {st}\n{}",
-                        vm.diagnostics()
-                    ),
-                }
+                return Attempt::NotReady {
+                    vm,
+                    how: format!("husk-vmm ended: {}", describe_status(st)),
+                    hung: false,
+                };
             }
             if Instant::now() > deadline {
                 vm.kill();
-                return Attempt::GuestLost(
+                return Attempt::NotReady {
                     vm,
-                    format!("no ready signal within {:?}", opts.ready_timeout),
-                );
+                    how: format!("no ready signal within {:?}", opts.ready_timeout),
+                    hung: true,
+                };
             }
             std::thread::sleep(Duration::from_millis(20));
         }

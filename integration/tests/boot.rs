@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use husk_integration::lab_retry;
 use husk_integration::vm::{describe_status, status, Vm, VmOptions};
 use husk_shim::agent::AgentClient;
 
@@ -121,6 +122,58 @@ fn a_dying_agent_is_reported_as_a_guest_panic() {
         console.contains("Kernel panic"),
         "no kernel panic on the console:\n{console}"
     );
+}
+
+#[test]
+fn the_agents_own_init_failure_is_status_5_and_never_a_lab_retry() {
+    let opts = VmOptions {
+        cmdline_extra: Some("husk.test_fault=fail_init".into()),
+        ..Default::default()
+    };
+    loop {
+        let mut vm = Vm::spawn(&opts);
+        let st = vm.wait_exit(Duration::from_secs(120));
+        let code = st.and_then(|s| s.code());
+        if code == Some(status::AGENT_FAILED) {
+            let (console, log) = (vm.console(), vm.vmm_log());
+            assert!(
+                console.contains("husk-agent: error: test fault fail_init"),
+                "the agent's error is not on the console:\n{console}"
+            );
+            assert!(
+                log.contains("guest agent started") && !log.contains("guest ready"),
+                "{log}"
+            );
+            assert!(
+                log.contains("the guest agent reported its own failure"),
+                "{log}"
+            );
+            // The harness never takes it for the lab's.
+            let end = lab_retry::EarlyEnd {
+                vmm_status: code,
+                vmm_log: &log,
+            };
+            assert!(lab_retry::classify_early_end(end).is_err());
+            return;
+        }
+        // Only a guest the lab lost before the agent ran may be booted again.
+        if st.is_none() {
+            vm.kill();
+        }
+        let log = vm.vmm_log();
+        let end = lab_retry::EarlyEnd {
+            vmm_status: code.filter(|_| st.is_some()),
+            vmm_log: &log,
+        };
+        if let Err(why) = lab_retry::classify_early_end(end)
+            .and_then(|ev| lab_retry::take_guest_retry("fail_init boot", &ev))
+        {
+            panic!(
+                "expected husk-vmm status 5, got {st:?}: {why}\n{}",
+                vm.diagnostics()
+            );
+        }
+    }
 }
 
 #[test]

@@ -7,8 +7,10 @@
 use std::fs;
 use std::time::Duration;
 
-use husk_integration::kvm_mode;
-use husk_integration::virtiofsd::{fnv1a64, probe_vm_options, run_probe, wait_console, Virtiofsd};
+use husk_integration::lab_retry;
+use husk_integration::virtiofsd::{
+    early_probe_loss, fnv1a64, probe_vm_options, run_probe, wait_console, Virtiofsd,
+};
 use husk_integration::vm::{describe_status, status, Vm, VmOptions};
 
 fn shared_dir_with_files() -> (tempfile::TempDir, Vec<(String, Vec<u8>)>) {
@@ -60,20 +62,21 @@ fn guest_reads_and_writes_the_shared_directory() {
 #[test]
 fn killing_virtiofsd_ends_the_vm_with_status_1() {
     let (shared, _files) = shared_dir_with_files();
-    // A lab guest that dies before the probe mounts the share is booted once more (printed).
-    for attempt in 1..=2 {
+    // A lab guest lost before the probe ran is booted again (integration/src/lab_retry.rs).
+    loop {
         let dir = tempfile::tempdir().unwrap();
         let mut daemon = Virtiofsd::start(shared.path(), dir.path(), "never");
         let mut vm = Vm::spawn(&probe_vm_options(&daemon.socket, "hold", 256));
         if !wait_console(&mut vm, "PROBE MOUNTED", Duration::from_secs(120)) {
             let diag = format!("{}\n--- virtiofsd log:\n{}", vm.diagnostics(), daemon.log());
-            let lost = vm.try_exit().and_then(|s| s.code()) != Some(status::VMM_ERROR)
-                && !vm.console().contains("PROBE ERROR");
-            if attempt == 1 && lost && kvm_mode() == "lab" {
-                eprintln!("LAB RETRY: probe guest lost before mounting the share\n{diag}");
-                continue;
+            let hung = vm.try_exit().is_none();
+            let console = vm.console();
+            match early_probe_loss(&mut vm, &console, hung)
+                .and_then(|ev| lab_retry::take_guest_retry("virtio-fs probe (hold)", &ev))
+            {
+                Ok(_) => continue,
+                Err(why) => panic!("the guest never mounted the share: {why}\n{diag}"),
             }
-            panic!("the guest never mounted the share\n{diag}");
         }
         // The guest is using the share; now the daemon dies under it.
         daemon.kill();

@@ -38,6 +38,8 @@ const MAX_RESOLV_CONF_BYTES: u64 = 64 * 1024;
 const MAX_HOSTNAME_LEN: usize = 64;
 /// Lines of a child's log quoted when it dies.
 const LOG_TAIL_LINES: usize = 5;
+/// What husk-vmm logs when the agent announces its start on the boot port (docs/contracts.md).
+pub const AGENT_STARTED_MARKER: &str = "guest agent started boot_ms=";
 /// Lines of the VMM log quoted when an agent RPC times out (two state dumps and context).
 const TIMEOUT_LOG_LINES: usize = 12;
 
@@ -76,6 +78,19 @@ pub enum SandboxError {
     /// The VM ended before it was ready
     #[error("The pod's VM ended while starting: {0}")]
     Died(String),
+    /// The agent never answered the first connection
+    #[error("{}", if *agent_started {
+        "The pod's guest started its agent (husk-vmm saw its start), but the agent did not answer"
+    } else {
+        "The pod's guest did not start its agent (husk-vmm saw no agent start on the boot port)"
+    })]
+    NoAnswer {
+        /// Whether the agent had announced its start (boot port 0x04).
+        agent_started: bool,
+        /// The client's error (how long it tried).
+        #[source]
+        source: AgentError,
+    },
     /// The agent did not answer or refused the sandbox
     #[error("The guest agent failed while the pod started")]
     Agent(#[source] AgentError),
@@ -119,6 +134,9 @@ fn describe(program: &str, status: std::io::Result<ExitStatus>, log: &Path) -> S
         Ok(st) => match (st.code(), st.signal()) {
             (Some(0), _) => "exited cleanly".to_string(),
             (Some(3), _) if program == "husk-vmm" => "exited with status 3 (guest panic)".into(),
+            (Some(5), _) if program == "husk-vmm" => {
+                "exited with status 5 (the guest agent failed before it was ready)".into()
+            }
             (Some(c), _) => format!("exited with status {c}"),
             (None, Some(s)) => format!("was killed by signal {s}"),
             _ => format!("ended ({st})"),
@@ -350,7 +368,17 @@ impl Sandbox {
         let connect =
             AgentClient::connect(&layout.vsock_uds, AGENT_VSOCK_PORT, config.boot_timeout());
         let agent = tokio::select! {
-            agent = connect => agent.map_err(SandboxError::Agent)?,
+            agent = connect => match agent {
+                Ok(agent) => agent,
+                Err(source @ AgentError::Unreachable { .. }) => {
+                    let log = std::fs::read_to_string(layout.dir.join("vmm.log")).unwrap_or_default();
+                    return Err(SandboxError::NoAnswer {
+                        agent_started: log.contains(AGENT_STARTED_MARKER),
+                        source,
+                    });
+                }
+                Err(e) => return Err(SandboxError::Agent(e)),
+            },
             why = exited.wait_for(Option::is_some) => {
                 let why = why.ok().and_then(|w| w.clone()).unwrap_or_default();
                 return Err(SandboxError::Died(why));

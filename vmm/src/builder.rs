@@ -395,6 +395,11 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     let status = exit.observations.classify(&event);
     match &event {
         ExitEvent::VmmError(msg) => tracing::error!("{msg}"),
+        other if status == ExitStatus::AgentFailed => tracing::error!(
+            event = ?other,
+            ?status,
+            "VM ended: the guest agent failed before it was ready (see the guest console)"
+        ),
         other => tracing::info!(event = ?other, ?status, "VM ended"),
     }
     Ok(status)

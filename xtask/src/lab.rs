@@ -40,7 +40,7 @@ use tracing::{info, warn};
 
 use crate::cache;
 pub use probe::{build_vmm, kvm_mode, probe_host_kvm, KvmMode, HUSK_KVM_MODE_ENV};
-pub use qemu::Output;
+pub use qemu::{Output, Seen};
 
 /// Environment variables passed from the caller into the lab (plus every `HUSK_*`).
 const PASSED_ENV: &[&str] = &[
@@ -62,8 +62,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Set to `1` to see the L1's boot console (without `quiet`) on stderr.
 pub const HUSK_LAB_VERBOSE_ENV: &str = "HUSK_LAB_VERBOSE";
-/// How many times a lost L1 boot is retried per run.
-const BOOT_RETRIES: u32 = 1;
 
 /// Arguments of `cargo xtask lab`.
 #[derive(Debug, clap::Args)]
@@ -116,11 +114,17 @@ pub struct LabRun {
     pub silence_limit: Option<Duration>,
 }
 
-/// The lab's L1 itself ended while the command ran (the emulated-SVM instability DESIGN.md
-/// describes, one level further out than a guest): the command's own outcome is unknown.
+/// The lab's L1 itself ended or wedged while the command ran (the emulated-SVM instability
+/// DESIGN.md describes, one level further out than a guest): the command's own outcome is
+/// unknown, unless it had already printed a failure.
 #[derive(Debug, thiserror::Error)]
-#[error("LAB FAILED: the L1 died: {0}")]
-pub struct L1Died(pub String);
+#[error("LAB FAILED: the L1 died: {why}")]
+pub struct L1Died {
+    /// The evidence.
+    pub why: String,
+    /// What the command printed before.
+    pub seen: Seen,
+}
 
 /// The result of a lab run.
 #[derive(Debug, Clone)]
@@ -133,6 +137,8 @@ pub struct LabOutcome {
     pub total: Duration,
     /// Lost L1 boots that were retried.
     pub boot_retries: u32,
+    /// What the command's output showed (failures, guest retries).
+    pub seen: Seen,
     /// The output, when [`Output::Capture`] was asked for.
     pub output: String,
 }
@@ -211,6 +217,7 @@ impl LabRun {
                     code,
                     kvm_ready,
                     output,
+                    seen,
                 } => {
                     return Ok(LabOutcome {
                         exit_code: code,
@@ -218,6 +225,7 @@ impl LabRun {
                         total: started.elapsed(),
                         boot_retries: retries,
                         output,
+                        seen,
                     })
                 }
                 qemu::Ended::InitFailed { reason, console } => {
@@ -227,12 +235,13 @@ impl LabRun {
                     )
                 }
                 qemu::Ended::RunLost { why } => bail!("LAB FAILED: {why}"),
-                qemu::Ended::L1Died { why } => return Err(L1Died(why).into()),
-                qemu::Ended::BootLost { why, console } if retries < BOOT_RETRIES => {
+                qemu::Ended::L1Died { why, seen } => return Err(L1Died { why, seen }.into()),
+                qemu::Ended::BootLost { why, console }
+                    if husk_integration::lab_retry::retry_l1_boot(retries, &why) =>
+                {
                     retries += 1;
                     warn!(
-                        "lab: RETRYING the L1 boot ({retries}/{BOOT_RETRIES}): {why}\n\
-                         --- L1 console ---\n{}",
+                        "--- L1 console of the lost boot ---\n{}",
                         console.join("\n")
                     );
                 }
@@ -287,8 +296,19 @@ fn run_with_silence_limit(
     lab.run()
 }
 
+/// How a command run by [`run_where_kvm_boots`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ran {
+    /// Its exit status (128 + n when killed by signal n).
+    pub code: i32,
+    /// Lost L1 boots retried before it started.
+    pub l1_boot_retries: u32,
+    /// What its output showed (lab only; direct runs retry nothing).
+    pub seen: Seen,
+}
+
 /// Runs `command` with `env` where a KVM that boots Linux is: directly on this host
-/// ([`KvmMode::Direct`]) or inside the lab, and returns its exit status. In the lab the run's
+/// ([`KvmMode::Direct`]) or inside the lab, and returns how it ended. In the lab the run's
 /// figures (time to `/dev/kvm`, total, L1 boot retries) are printed. `silence_limit`: see
 /// [`LabRun::silence_limit`] (ignored outside the lab).
 pub fn run_where_kvm_boots(
@@ -297,7 +317,7 @@ pub fn run_where_kvm_boots(
     mode: KvmMode,
     timeout: Duration,
     silence_limit: Option<Duration>,
-) -> Result<i32> {
+) -> Result<Ran> {
     let (program, args) = command.split_first().context("No command to run")?;
     match mode {
         KvmMode::Direct => {
@@ -306,7 +326,11 @@ pub fn run_where_kvm_boots(
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .status()
                 .with_context(|| format!("Cannot run {program}"))?;
-            Ok(status.code().unwrap_or(128))
+            Ok(Ran {
+                code: status.code().unwrap_or(128),
+                l1_boot_retries: 0,
+                seen: qemu::Seen::default(),
+            })
         }
         KvmMode::Lab => {
             let outcome = run_with_silence_limit(command, env, timeout, silence_limit)?;
@@ -316,7 +340,11 @@ pub fn run_where_kvm_boots(
                 outcome.total.as_secs_f64(),
                 outcome.boot_retries
             );
-            Ok(outcome.exit_code)
+            Ok(Ran {
+                code: outcome.exit_code,
+                l1_boot_retries: outcome.boot_retries,
+                seen: outcome.seen,
+            })
         }
     }
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use husk_integration::lab_retry::SuiteRetries;
+
 use crate::lab::{self, KvmMode};
 use crate::{guest, setup};
 
@@ -33,12 +35,6 @@ pub struct Args {
 const INTEGRATION_CRATE: &str = "husk-integration";
 /// The variable naming the busybox root file system (a host directory) for the tests.
 const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
-/// How many times per suite a test binary is run again because the lab's L1 (not a guest of
-/// ours) died or wedged under it. Always printed; a failure a test reports is never retried.
-/// Two: session 7 saw an L1 failure in about half of the e2e binary's runs (BENCHMARKS.md),
-/// and a retry costs at most the silence limit plus one run of that binary (about 13 min
-/// here), which two of still fit CI's 90 minutes.
-const L1_RETRIES: u32 = 2;
 /// Limit for one component test binary in the lab. The slowest (the containerd end-to-end
 /// tests) takes 4–7 min there. A wedged L1 goes silent and is caught by
 /// [`LAB_SILENCE_LIMIT`] first; a binary that keeps printing past this limit is cut off and
@@ -47,8 +43,9 @@ const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A lab test binary that prints nothing for this long has a wedged L1 under it, not a hang
 /// of ours: every wait in the tests gives up (and prints) within 4 min (`CTR_TIMEOUT`, the
 /// longest), so only a wedged L1 keeps a test binary silent for 6. It counts as the L1
-/// dying (a re-run, within [`L1_RETRIES`]); the lab prints the L1's vCPU states every 2 min
-/// of silence and checks this limit at those reports.
+/// dying (`husk_integration::lab_retry` decides on a re-run: never after the binary printed
+/// a failure, whose cleanup may well be silent that long); the lab prints the L1's vCPU
+/// states every 2 min of silence and checks this limit at those reports.
 const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(6 * 60);
 
 /// Runs everything.
@@ -100,7 +97,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     );
     let mut failed = Vec::new();
-    let mut l1_retries = 0;
+    let mut retries = SuiteRetries::default();
     for bin in &binaries {
         let name = bin
             .file_name()
@@ -110,31 +107,53 @@ pub fn run(args: &Args) -> Result<()> {
             step(&format!("component tests: {name}"), || {
                 let mut env = parts.env(mode);
                 env.push((TEST_ROOTFS_ENV.into(), test_rootfs.display().to_string()));
-                run_component_binary(bin, env, mode, args.filter.as_deref())
+                let ran = run_component_binary(bin, env, mode, args.filter.as_deref())?;
+                if ran.code != 0 {
+                    return Err(BinaryFailed(ran).into());
+                }
+                Ok(ran)
             })
         };
-        let code = loop {
+        let ran = loop {
             match run() {
-                Err(e) if l1_retries < L1_RETRIES && e.chain().any(|c| c.is::<lab::L1Died>()) => {
-                    l1_retries += 1;
-                    eprintln!(
-                        "==> LAB RETRY ({l1_retries}/{L1_RETRIES} per suite): the lab's L1 itself \
-                         died while {name} ran ({e:#}); running {name} again from the start"
-                    );
-                }
-                other => break other?,
+                Err(e) => match e.chain().find_map(|c| c.downcast_ref::<lab::L1Died>()) {
+                    Some(died) => {
+                        retries.add(0, died.seen.guest_retries);
+                        if !retries.rerun_after_l1_death(
+                            &name,
+                            &died.why,
+                            died.seen.failure_printed,
+                        ) {
+                            break Err(e);
+                        }
+                    }
+                    None => break Err(e),
+                },
+                Ok(ran) => break Ok(ran),
             }
         };
-        if code != 0 {
-            failed.push(format!("{name} (exit status {code})"));
+        match ran {
+            Ok(ran) => retries.add(ran.l1_boot_retries, ran.seen.guest_retries),
+            Err(e) => match e.chain().find_map(|c| c.downcast_ref::<BinaryFailed>()) {
+                Some(BinaryFailed(ran)) => {
+                    retries.add(ran.l1_boot_retries, ran.seen.guest_retries);
+                    failed.push(format!("{name} (exit status {})", ran.code));
+                }
+                None => failed.push(format!("{name} ({e:#})")),
+            },
         }
     }
     if !failed.is_empty() {
-        bail!("component tests failed: {}", failed.join(", "));
+        bail!(
+            "component tests failed: {}; {}",
+            failed.join(", "),
+            retries.summary()
+        );
     }
     eprintln!(
-        "==> all tests passed in {:.0} s (lab L1 retries: {l1_retries})",
-        started.elapsed().as_secs_f64()
+        "==> all tests passed in {:.0} s ({})",
+        started.elapsed().as_secs_f64(),
+        retries.summary()
     );
     Ok(())
 }
@@ -253,7 +272,7 @@ fn run_component_binary(
     env: Vec<(String, String)>,
     mode: KvmMode,
     filter: Option<&str>,
-) -> Result<i32> {
+) -> Result<lab::Ran> {
     let mut argv = vec![bin.display().to_string()];
     if let Some(f) = filter {
         argv.push(f.to_string());
@@ -331,3 +350,8 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     );
     r
 }
+
+/// A test binary that exited non-zero (its step reads FAILED; the suite goes on).
+#[derive(Debug, thiserror::Error)]
+#[error("the test binary exited with status {}", .0.code)]
+struct BinaryFailed(lab::Ran);

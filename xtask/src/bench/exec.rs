@@ -46,7 +46,8 @@ pub fn run(args: &ExecArgs) -> Result<()> {
     let mut env = parts.env(mode);
     env.push(("HUSK_TEST_ROOTFS".into(), rootfs.display().to_string()));
     let argv = vec![bin.display().to_string(), args.runs.to_string()];
-    let code = crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(1800), None)?;
+    let code =
+        crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(1800), None)?.code;
     if code != 0 {
         bail!("the benchmark failed (exit status {code})");
     }

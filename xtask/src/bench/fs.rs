@@ -260,7 +260,8 @@ pub fn run(args: &FsArgs) -> Result<()> {
              figures come from the same L1, the ratio is the figure"
         );
     }
-    let code = crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(3600), None)?;
+    let code =
+        crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(3600), None)?.code;
     if code != 0 {
         bail!("the benchmark failed (exit status {code})");
     }

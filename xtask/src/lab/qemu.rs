@@ -70,6 +70,25 @@ pub enum Output {
     Capture,
 }
 
+/// What the command's output showed, for the retry decisions (`husk_integration::lab_retry`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// A line reported a test failure.
+    pub failure_printed: bool,
+    /// Lines of guest retries the command printed.
+    pub guest_retries: u32,
+}
+
+impl Seen {
+    fn observe(&mut self, line: &str) {
+        use husk_integration::lab_retry;
+        self.failure_printed |= lab_retry::line_reports_test_failure(line);
+        if lab_retry::line_is_guest_retry(line) {
+            self.guest_retries += 1;
+        }
+    }
+}
+
 /// How one launch ended.
 #[derive(Debug)]
 pub enum Ended {
@@ -78,6 +97,7 @@ pub enum Ended {
         code: i32,
         kvm_ready: Duration,
         output: String,
+        seen: Seen,
     },
     /// The lab init reported a failure before the command ran (never retried).
     InitFailed {
@@ -90,7 +110,7 @@ pub enum Ended {
     RunLost { why: String },
     /// The L1 itself ended (reset, triple fault, panic) while the command ran: the command's
     /// outcome is unknown. The lab never retries it; a caller may, within its own budget.
-    L1Died { why: String },
+    L1Died { why: String, seen: Seen },
 }
 
 /// QEMU's command line for `launch` (without the program name).
@@ -227,6 +247,7 @@ pub fn launch_once(
     let mut last_output = Instant::now();
     let mut silent_since = Instant::now();
     let mut symbols = None;
+    let mut seen = Seen::default();
     let ended = loop {
         let deadline = match (exit_seen, command_started) {
             (Some(t), _) => t + TEARDOWN_TIMEOUT,
@@ -296,6 +317,7 @@ pub fn launch_once(
                     let _ = child.kill();
                     break Some(Ended::L1Died {
                         why: format!("{why}; {states}"),
+                        seen,
                     });
                 }
                 last_output = Instant::now();
@@ -348,17 +370,20 @@ pub fn launch_once(
                 }
                 console.push(text);
             }
-            Line::Output(text) => match output {
-                Output::Stream => {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{text}");
-                    let _ = out.flush();
+            Line::Output(text) => {
+                seen.observe(&text);
+                match output {
+                    Output::Stream => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "{text}");
+                        let _ = out.flush();
+                    }
+                    Output::Capture => {
+                        captured.push_str(&text);
+                        captured.push('\n');
+                    }
                 }
-                Output::Capture => {
-                    captured.push_str(&text);
-                    captured.push('\n');
-                }
-            },
+            }
         }
     };
     let status = wait_briefly(&mut child);
@@ -371,6 +396,7 @@ pub fn launch_once(
             code,
             kvm_ready: kvm_ready.unwrap_or_default(),
             output: captured,
+            seen,
         },
         (None, None) => Ended::BootLost {
             why: format!("QEMU ended ({status}) before the command started"),
@@ -378,6 +404,7 @@ pub fn launch_once(
         },
         (None, Some(_)) => Ended::L1Died {
             why: format!("QEMU ended ({status}) while the command ran, without an exit status"),
+            seen,
         },
     })
 }

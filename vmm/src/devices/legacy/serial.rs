@@ -21,6 +21,8 @@ pub const COM1_PORT_COUNT: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 /// What the kernel prints when it panics (kernel/panic.c).
 pub const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
+/// What the kernel prints when PID 1 (the agent) exits (kernel/exit.c).
+pub const INIT_DIED_BANNER: &[u8] = b"Attempted to kill init";
 /// Longest console line we keep for panic scanning; longer lines are scanned in pieces.
 const LINE_BUF_MAX: usize = 256;
 
@@ -51,9 +53,7 @@ impl ConsoleWriter {
 
     fn scan(&mut self, byte: u8) {
         if byte == b'\n' || self.line.len() >= LINE_BUF_MAX {
-            if contains(&self.line, PANIC_BANNER) {
-                self.observations.kernel_panic.store(true, Ordering::SeqCst);
-            }
+            self.check_line();
             // Keep a tail so a banner split across the cut is still found.
             let keep = if byte == b'\n' { 0 } else { PANIC_BANNER.len() };
             let cut = self.line.len() - keep.min(self.line.len());
@@ -61,6 +61,17 @@ impl ConsoleWriter {
         }
         if byte != b'\n' {
             self.line.push(byte);
+        }
+    }
+}
+
+impl ConsoleWriter {
+    fn check_line(&self) {
+        if contains(&self.line, PANIC_BANNER) {
+            self.observations.kernel_panic.store(true, Ordering::SeqCst);
+        }
+        if contains(&self.line, INIT_DIED_BANNER) {
+            self.observations.init_died.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -84,9 +95,7 @@ impl Write for ConsoleWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if contains(&self.line, PANIC_BANNER) {
-            self.observations.kernel_panic.store(true, Ordering::SeqCst);
-        }
+        self.check_line();
         match self.out.as_mut() {
             Some(out) => out.flush(),
             None => Ok(()),
@@ -160,6 +169,7 @@ mod tests {
             w.write_all(&[*b]).unwrap();
         }
         assert!(obs.kernel_panic.load(Ordering::SeqCst));
+        assert!(obs.init_died.load(Ordering::SeqCst));
         assert!(sink.0.lock().unwrap().starts_with(b"[    0.1] hello\n"));
     }
 

@@ -21,6 +21,7 @@ use husk_shim::agent::{
     open_stdio_stream, AgentClient, CreateSandboxRequest, ShareSource, StdioConfig, StreamHeader,
     StreamKind,
 };
+use husk_shim::config::CachePolicy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -183,7 +184,7 @@ impl Pod {
                 .prefix("husk-test-fs")
                 .tempdir()
                 .expect("temp dir");
-            let daemon = Virtiofsd::start(share.path(), dir.path(), "auto");
+            let daemon = Virtiofsd::start(share.path(), dir.path(), CachePolicy::Auto);
             opts.fs = Some((daemon.socket.clone(), SHARE_TAG.into()));
             (daemon, dir)
         });

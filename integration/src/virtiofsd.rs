@@ -7,8 +7,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+
+use husk_shim::config::CachePolicy;
+use husk_shim::vmm::{FsSandbox, VirtiofsdCommand};
 
 use crate::lab_retry::{self, EarlyEnd};
 use crate::required_path;
@@ -27,25 +30,17 @@ pub struct Virtiofsd {
 }
 
 impl Virtiofsd {
-    /// Starts virtiofsd sharing `shared` with `--sandbox namespace --cache <cache>`; the socket
-    /// and the log go to `dir`.
-    pub fn start(shared: &Path, dir: &Path, cache: &str) -> Virtiofsd {
+    /// Starts virtiofsd sharing `shared` with `--sandbox namespace --cache <cache>
+    /// --log-level info`; the socket and the log go to `dir`.
+    pub fn start(shared: &Path, dir: &Path, cache: CachePolicy) -> Virtiofsd {
         let bin = required_path("HUSK_VIRTIOFSD");
         let socket = dir.join("virtiofsd.sock");
         let log = dir.join("virtiofsd.log");
-        let child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(shared)
-            .args([
-                "--sandbox",
-                "namespace",
-                "--cache",
-                cache,
-                "--log-level",
-                "info",
-            ])
+        let child = VirtiofsdCommand::new(bin, &socket, shared)
+            .sandbox(FsSandbox::Namespace)
+            .cache(cache)
+            .log_level("info")
+            .command()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("virtiofsd log"))
@@ -137,7 +132,7 @@ pub fn run_probe(shared: &Path, mode: &str, mem_mib: u32, timeout: Duration) -> 
             .prefix("husk-test-fs")
             .tempdir()
             .expect("temp dir");
-        let mut daemon = Virtiofsd::start(shared, dir.path(), "auto");
+        let mut daemon = Virtiofsd::start(shared, dir.path(), CachePolicy::Auto);
         let mut vm = Vm::spawn(&probe_vm_options(&daemon.socket, mode, mem_mib));
         let done = wait_console(&mut vm, "PROBE DONE", timeout);
         let status = vm.wait_exit(Duration::from_secs(30));

@@ -11,8 +11,10 @@
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use husk_shim::vmm::{Console, VmmCommand};
 
 use crate::lab_retry::{self, EarlyEnd};
 use crate::required_path;
@@ -40,7 +42,7 @@ pub mod status {
 #[derive(Debug, Clone)]
 pub struct VmOptions {
     /// Number of vCPUs.
-    pub vcpus: u32,
+    pub vcpus: u8,
     /// Guest memory in MiB.
     pub mem_mib: u32,
     /// Extra kernel command-line words.
@@ -178,26 +180,19 @@ impl Vm {
         let vsock_uds = dir.path().join("vsock.sock");
         let console = dir.path().join("console.log");
         let log = fs::File::create(dir.path().join("vmm.log")).expect("vmm log");
-        let mut cmd = Command::new(vmm);
-        cmd.arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(initrd)
-            .arg("--mem-mib")
-            .arg(opts.mem_mib.to_string())
-            .arg("--vcpus")
-            .arg(opts.vcpus.to_string())
-            .arg("--vsock-uds")
-            .arg(&vsock_uds)
-            .arg("--console")
-            .arg(&console);
+        let mut vmm_cmd = VmmCommand::new(vmm, kernel, &vsock_uds)
+            .initrd(initrd)
+            .mem_mib(opts.mem_mib)
+            .vcpus(opts.vcpus)
+            .console(Console::File(console));
         if let Some(extra) = &opts.cmdline_extra {
-            cmd.arg("--cmdline-extra").arg(extra);
+            vmm_cmd = vmm_cmd.cmdline_extra(extra.clone());
         }
         if let Some((socket, tag)) = &opts.fs {
-            cmd.arg("--fs-socket").arg(socket).arg("--fs-tag").arg(tag);
+            vmm_cmd = vmm_cmd.fs(socket, tag.clone());
         }
-        let child = cmd
+        let child = vmm_cmd
+            .command()
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),

@@ -12,6 +12,7 @@ use husk_integration::virtiofsd::{
     early_probe_loss, fnv1a64, probe_vm_options, run_probe, wait_console, Virtiofsd,
 };
 use husk_integration::vm::{describe_status, status, Vm, VmOptions};
+use husk_shim::config::CachePolicy;
 
 fn shared_dir_with_files() -> (tempfile::TempDir, Vec<(String, Vec<u8>)>) {
     let shared = tempfile::Builder::new()
@@ -65,7 +66,7 @@ fn killing_virtiofsd_ends_the_vm_with_status_1() {
     // A lab guest lost before the probe ran is booted again (integration/src/lab_retry.rs).
     loop {
         let dir = tempfile::tempdir().unwrap();
-        let mut daemon = Virtiofsd::start(shared.path(), dir.path(), "never");
+        let mut daemon = Virtiofsd::start(shared.path(), dir.path(), CachePolicy::Never);
         let mut vm = Vm::spawn(&probe_vm_options(&daemon.socket, "hold", 256));
         if !wait_console(&mut vm, "PROBE MOUNTED", Duration::from_secs(120)) {
             let diag = format!("{}\n--- virtiofsd log:\n{}", vm.diagnostics(), daemon.log());

@@ -63,6 +63,9 @@ pub enum ConfigError {
         #[source]
         source: protobuf::Error,
     },
+    /// Not one of virtiofsd's cache policies
+    #[error("Unknown virtiofsd cache policy {0:?} (never, metadata, auto or always)")]
+    CachePolicy(String),
 }
 
 /// virtiofsd's `--cache` policy.
@@ -89,6 +92,18 @@ impl CachePolicy {
             Self::Auto => "auto",
             Self::Always => "always",
         }
+    }
+}
+
+impl std::str::FromStr for CachePolicy {
+    type Err = ConfigError;
+
+    /// The inverse of [`CachePolicy::as_str`] (the words of `husk.toml` and virtiofsd).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Never, Self::Metadata, Self::Auto, Self::Always]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| ConfigError::CachePolicy(s.to_string()))
     }
 }
 
@@ -308,6 +323,23 @@ mod tests {
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!((c.mem_mib, c.vcpus), (512, 2));
         assert_eq!(c.virtiofs_cache.as_str(), "never");
+    }
+
+    #[test]
+    fn cache_policies_read_back_their_own_words() {
+        for p in [
+            CachePolicy::Never,
+            CachePolicy::Metadata,
+            CachePolicy::Auto,
+            CachePolicy::Always,
+        ] {
+            assert_eq!(p.as_str().parse::<CachePolicy>().unwrap(), p);
+        }
+        let e = "sometimes".parse::<CachePolicy>().unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::CachePolicy(w) if w == "sometimes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Command lines of the two host processes of a pod: `husk-vmm` and `virtiofsd`.
 //!
-//! [`VmmCommand`] is the one place that knows husk-vmm's flags (vmm/src/config.rs); the shim,
-//! xtask and the tests build their VMs through it instead of spelling the flags out again.
-//! [`VirtiofsdCommand`] does the same for virtiofsd (1.14): the daemon always sandboxes
-//! itself (`--sandbox namespace` by default) and serves one shared directory on one
-//! vhost-user socket.
+//! This module is the one place that knows the flags of both. [`VmmCommand`] spells
+//! husk-vmm's (vmm/src/config.rs); the shim, xtask and the tests build their VMs through it, and
+//! `vmm/tests/shim_command.rs` feeds its output to husk-vmm's own parser, so a flag renamed on
+//! one side fails a test. [`VirtiofsdCommand`] spells virtiofsd's (1.14; its parser is not ours
+//! to test against): the daemon always sandboxes itself (`--sandbox namespace` by default) and
+//! serves one shared directory on one vhost-user socket.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -230,7 +231,7 @@ impl VirtiofsdCommand {
         self
     }
 
-    /// Log verbosity (`--log-level`: error, warn, info, debug).
+    /// Log verbosity (`--log-level`: error, warn, info, debug); `warn` unless set.
     pub fn log_level(mut self, level: &'static str) -> Self {
         self.log_level = level;
         self

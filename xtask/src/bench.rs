@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use husk_shim::vmm::{Console, VmmCommand};
 
 mod ctr;
 mod exec;
@@ -45,7 +46,7 @@ pub struct BootBench {
     /// Guest memory.
     pub mem_mib: u32,
     /// vCPUs.
-    pub vcpus: u32,
+    pub vcpus: u8,
 }
 
 /// One VMM's boot outcome.
@@ -171,19 +172,12 @@ impl Drop for Reaped {
 fn boot_husk(b: &BootBench) -> Result<Sample> {
     let dir = tempfile::Builder::new().prefix("husk-bench").tempdir()?;
     let start = Instant::now();
-    let child = Command::new(&b.vmm)
-        .arg("--kernel")
-        .arg(&b.kernel)
-        .arg("--initrd")
-        .arg(&b.initrd)
-        .arg("--mem-mib")
-        .arg(b.mem_mib.to_string())
-        .arg("--vcpus")
-        .arg(b.vcpus.to_string())
-        .arg("--vsock-uds")
-        .arg(dir.path().join("vsock.sock"))
-        .arg("--console")
-        .arg(dir.path().join("console.log"))
+    let child = VmmCommand::new(&b.vmm, &b.kernel, dir.path().join("vsock.sock"))
+        .initrd(&b.initrd)
+        .mem_mib(b.mem_mib)
+        .vcpus(b.vcpus)
+        .console(Console::File(dir.path().join("console.log")))
+        .command()
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -370,7 +364,7 @@ pub enum Bench {
         mem_mib: u32,
         /// Guest vCPUs.
         #[arg(long, default_value_t = 1)]
-        vcpus: u32,
+        vcpus: u8,
         /// Run here, assuming a KVM that boots Linux (used inside the lab).
         #[arg(long, hide = true)]
         inner: bool,

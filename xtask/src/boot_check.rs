@@ -5,12 +5,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use husk_shim::agent::{AgentClient, AGENT_VSOCK_PORT};
+use husk_shim::vmm::{Console, VmmCommand};
 
 use crate::lab::{self, KvmMode};
 use crate::test::{build_parts, step, Parts};
@@ -23,7 +24,7 @@ pub struct Args {
     pub inner: bool,
     /// vCPUs of the guest.
     #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    pub vcpus: u8,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub mem_mib: u32,
@@ -92,17 +93,12 @@ fn check(parts: &Parts, args: &Args) -> Result<String> {
         .tempdir()?;
     let uds = dir.path().join("vsock.sock");
     let console = dir.path().join("console.log");
-    let mut child = Command::new(&parts.vmm)
-        .arg("--kernel")
-        .arg(&parts.kernel)
-        .arg("--initrd")
-        .arg(&parts.initrd)
-        .args(["--mem-mib", &args.mem_mib.to_string()])
-        .args(["--vcpus", &args.vcpus.to_string()])
-        .arg("--vsock-uds")
-        .arg(&uds)
-        .arg("--console")
-        .arg(&console)
+    let mut child = VmmCommand::new(&parts.vmm, &parts.kernel, &uds)
+        .initrd(&parts.initrd)
+        .mem_mib(args.mem_mib)
+        .vcpus(args.vcpus)
+        .console(Console::File(console.clone()))
+        .command()
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -15,6 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use husk_shim::config::CachePolicy;
+use husk_shim::vmm::{Console, FsSandbox, VirtiofsdCommand, VmmCommand};
 
 /// Size of the sequential-read file.
 const BIG_FILE_MIB: usize = 256;
@@ -29,7 +31,7 @@ pub struct FsArgs {
     pub runs: u32,
     /// virtiofsd cache policy (auto, always, never, metadata).
     #[arg(long, default_value = "auto")]
-    pub cache: String,
+    pub cache: CachePolicy,
     /// Guest memory in MiB. 256, the pods' default: in the lab a 512 MiB guest reading the
     /// 256 MiB file crashed 3 times in 3 (two L1 resets, one guest triple fault; BENCHMARKS.md).
     #[arg(long, default_value_t = 256)]
@@ -93,12 +95,12 @@ struct Paths {
 fn guest_run(p: &Paths, args: &FsArgs, share: &Path, work: &Path, i: u32) -> Result<Sample> {
     let socket = work.join(format!("virtiofsd-{i}.sock"));
     let console = work.join(format!("console-{i}.log"));
-    let mut daemon = Command::new(&p.virtiofsd)
-        .arg("--socket-path")
-        .arg(&socket)
-        .arg("--shared-dir")
-        .arg(share)
-        .args(["--sandbox", "namespace", "--cache", &args.cache])
+    // virtiofsd's own default log level (info), as this benchmark has always run it.
+    let mut daemon = VirtiofsdCommand::new(&p.virtiofsd, &socket, share)
+        .sandbox(FsSandbox::Namespace)
+        .cache(args.cache)
+        .log_level("info")
+        .command()
         .stdout(Stdio::null())
         .stderr(fs::File::create(work.join(format!("virtiofsd-{i}.log")))?)
         .spawn()
@@ -107,19 +109,13 @@ fn guest_run(p: &Paths, args: &FsArgs, share: &Path, work: &Path, i: u32) -> Res
     while !socket.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let vmm = Command::new(&p.vmm)
-        .arg("--kernel")
-        .arg(&p.kernel)
-        .arg("--initrd")
-        .arg(&p.probe_initrd)
-        .args(["--mem-mib", &args.mem_mib.to_string()])
-        .arg("--vsock-uds")
-        .arg(work.join(format!("vsock-{i}.sock")))
-        .arg("--console")
-        .arg(&console)
-        .arg("--fs-socket")
-        .arg(&socket)
-        .args(["--fs-tag", "husk", "--cmdline-extra", "probe_mode=bench"])
+    let vmm = VmmCommand::new(&p.vmm, &p.kernel, work.join(format!("vsock-{i}.sock")))
+        .initrd(&p.probe_initrd)
+        .mem_mib(args.mem_mib)
+        .console(Console::File(console.clone()))
+        .fs(&socket, "husk")
+        .cmdline_extra("probe_mode=bench")
+        .command()
         .stderr(Stdio::inherit())
         .spawn()
         .context("Cannot start husk-vmm")?;
@@ -182,7 +178,7 @@ fn run_inner(args: &FsArgs, p: &Paths) -> Result<()> {
         "bench fs: {} runs per side, {BIG_FILE_MIB} MiB sequential read and 10000 x 1 KiB \
          creates, virtiofsd --cache {}, guest {} MiB, share on {}",
         args.runs,
-        args.cache,
+        args.cache.as_str(),
         args.mem_mib,
         share.display()
     );
@@ -245,7 +241,7 @@ pub fn run(args: &FsArgs) -> Result<()> {
         "--runs".into(),
         args.runs.to_string(),
         "--cache".into(),
-        args.cache.clone(),
+        args.cache.as_str().into(),
         "--mem-mib".into(),
         args.mem_mib.to_string(),
     ];

@@ -14,6 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use husk_shim::vmm::{Console, VmmCommand};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::info;
@@ -134,14 +135,14 @@ pub fn kvm_mode(vmm: &Path, kernel: &Path, initrd: &Path) -> Result<KvmMode> {
     Ok(mode)
 }
 
-/// The husk-vmm command line of the probe boot. The one place that knows husk-vmm's
-/// flags (vmm/src/config.rs); keep it in step with `husk-vmm --help`.
+/// The husk-vmm command line of the probe boot: one vCPU, 256 MiB, console off.
 pub fn probe_command(vmm: &Path, kernel: &Path, initrd: &Path, vsock_uds: &Path) -> Command {
-    let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd);
-    cmd.args(["--vcpus", "1", "--mem-mib", "256", "--console", "off"]);
-    cmd.arg("--vsock-uds").arg(vsock_uds);
-    cmd
+    VmmCommand::new(vmm, kernel, vsock_uds)
+        .initrd(initrd)
+        .vcpus(1)
+        .mem_mib(256)
+        .console(Console::Off)
+        .command()
 }
 
 /// Boots the guest with husk-vmm on this host's `/dev/kvm`: [`KvmMode::Direct`] only if

@@ -41,7 +41,8 @@ enum Cmd {
     Demo(demo::Args),
     /// Benchmarks (BENCHMARKS.md).
     Bench(bench::Args),
-    /// Run one workload again and again: `soak vsock-stress --runs N` (ends `N passed, M failed`).
+    /// Run one workload again and again: `soak vsock-stress|bulk|container-cycles|test:<name> --runs N`
+    /// (ends `N passed, M failed`).
     Soak(soak::Args),
     /// Inside the lab's L1 only: hold one idle KVM VM for the run (see lab/hold_kvm.rs).
     #[command(hide = true)]

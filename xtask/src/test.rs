@@ -34,7 +34,7 @@ pub struct Args {
 /// The crate holding the component and end-to-end tests.
 const INTEGRATION_CRATE: &str = "husk-integration";
 /// The variable naming the busybox root file system (a host directory) for the tests.
-const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
+pub const TEST_ROOTFS_ENV: &str = "HUSK_TEST_ROOTFS";
 /// Limit for one component test binary in the lab. The slowest (the containerd end-to-end
 /// tests) takes 4–7 min there. A wedged L1 goes silent and is caught by
 /// [`LAB_SILENCE_LIMIT`] first; a binary that keeps printing past this limit is cut off and
@@ -287,7 +287,7 @@ fn run_component_binary(
 }
 
 /// Builds the integration crate's test binaries and returns their paths.
-fn component_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
+pub fn component_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new(env!("CARGO"))
         .current_dir(root)
         .args([

@@ -115,7 +115,8 @@ pub fn take_guest_retry(what: &str, evidence: &str) -> Result<u32, String> {
 /// prints the moment a test fails (before any slow cleanup), or its summary.
 pub fn line_reports_test_failure(line: &str) -> bool {
     let line = line.trim_end();
-    // `thread 'name' panicked at …`, and with this toolchain (1.95) `thread 'name' (tid) panicked at …`.
+    // `thread 'name' panicked at …`, and with this toolchain (1.95)
+    // `thread 'name' (tid) panicked at …`.
     (line.starts_with("thread '") && line.contains(" panicked at "))
         || line.starts_with("test result: FAILED")
         || (line.starts_with("test ") && line.ends_with(" ... FAILED"))

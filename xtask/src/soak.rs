@@ -8,6 +8,9 @@
 //!   (`stdio_exit_status_stdin_tty_and_bulk_output`), each run in a fresh lab.
 //! - `container-cycles`: `integration/examples/container_cycles`, `--cycles` container runs in
 //!   one pod per run, each run in a fresh lab.
+//! - `guest-load:<kind>`: `integration/examples/guest_load`, 30 s of guest load of one kind per
+//!   run (`stdout` through the vsock device, `cpu` with no device traffic, `fs` through
+//!   virtio-fs), each run in a fresh lab: does the guest die without our vsock device?
 //! - `test:<name>`: any component or end-to-end test by its exact name, each run in a fresh lab.
 //!
 //! Lab runs (where the host KVM does not boot Linux) keep each run's output in
@@ -28,7 +31,8 @@ use crate::test;
 /// Arguments of `cargo xtask soak`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to run: `vsock-stress`, `bulk`, `container-cycles` or `test:<name>`.
+    /// What to run: `vsock-stress`, `bulk`, `container-cycles`, `guest-load:<stdout|cpu|fs>`
+    /// or `test:<name>`.
     pub workload: String,
     /// How many runs.
     #[arg(long, default_value_t = 10)]
@@ -45,21 +49,37 @@ pub struct Args {
 const BULK_TEST: &str = "stdio_exit_status_stdin_tty_and_bulk_output";
 /// The example behind `container-cycles`.
 const CYCLES_EXAMPLE: &str = "container_cycles";
+/// The example behind `guest-load:<kind>`.
+const LOAD_EXAMPLE: &str = "guest_load";
 /// Limit of one lab run (the bulk test takes 2–4 min there; 300 cycles about 5).
 const RUN_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 /// Runs the soak; fails if any run failed.
 pub fn run(args: &Args) -> Result<()> {
-    let named_test = args.workload.strip_prefix("test:");
-    let outcomes = match (args.workload.as_str(), named_test) {
-        (_, Some(name)) => lab_soak(args, &Target::Test(name.into()))?,
-        ("vsock-stress", _) => vsock_stress(args)?,
-        ("bulk", _) => lab_soak(args, &Target::Test(BULK_TEST.into()))?,
-        ("container-cycles", _) => lab_soak(args, &Target::Cycles(args.cycles))?,
-        (other, None) => bail!(
-            "Unknown soak workload {other:?} (known: vsock-stress, bulk, container-cycles, \
-             test:<name>)"
-        ),
+    let w = args.workload.as_str();
+    let outcomes = if let Some(name) = w.strip_prefix("test:") {
+        lab_soak(args, &Target::Test(name.into()))?
+    } else if let Some(kind) = w.strip_prefix("guest-load:") {
+        lab_soak(
+            args,
+            &Target::Example(LOAD_EXAMPLE, vec![("LOAD".into(), kind.into())]),
+        )?
+    } else {
+        match w {
+            "vsock-stress" => vsock_stress(args)?,
+            "bulk" => lab_soak(args, &Target::Test(BULK_TEST.into()))?,
+            "container-cycles" => lab_soak(
+                args,
+                &Target::Example(
+                    CYCLES_EXAMPLE,
+                    vec![("CYCLES".into(), args.cycles.to_string())],
+                ),
+            )?,
+            other => bail!(
+                "Unknown soak workload {other:?} (known: vsock-stress, bulk, container-cycles, \
+                 guest-load:<stdout|cpu|fs>, test:<name>)"
+            ),
+        }
     };
     let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     let retries: u32 = outcomes.iter().filter_map(|o| o.as_ref().ok()).sum();
@@ -115,8 +135,8 @@ fn vsock_stress(args: &Args) -> Result<Vec<RunOutcome>> {
 enum Target {
     /// A component or end-to-end test by exact name.
     Test(String),
-    /// The container-cycles example with this many cycles.
-    Cycles(u32),
+    /// An example of husk-integration, with its environment.
+    Example(&'static str, Vec<(String, String)>),
 }
 
 fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
@@ -138,20 +158,14 @@ fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
                 "--nocapture".into(),
             ]
         }
-        Target::Cycles(_) => {
+        Target::Example(name, _) => {
             test::cargo(
                 &root,
-                &[
-                    "build",
-                    "-p",
-                    "husk-integration",
-                    "--example",
-                    CYCLES_EXAMPLE,
-                ],
+                &["build", "-p", "husk-integration", "--example", name],
             )?;
             vec![crate::cache::target_dir()
                 .join("debug/examples")
-                .join(CYCLES_EXAMPLE)
+                .join(name)
                 .display()
                 .to_string()]
         }
@@ -159,8 +173,8 @@ fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
     let mode = lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
     let mut env = parts.env(mode);
     env.push((test::TEST_ROOTFS_ENV.into(), rootfs.display().to_string()));
-    if let Target::Cycles(n) = target {
-        env.push(("CYCLES".into(), n.to_string()));
+    if let Target::Example(_, vars) = target {
+        env.extend(vars.iter().cloned());
     }
     let logs = crate::cache::cache_dir()?.join("soak").join(format!(
         "{}-{}",

@@ -193,6 +193,22 @@ fn tty_has_the_terminal_size_and_exit_status() {
     c.assert_no_leftovers(CLEANUP);
 }
 
+/// The pids of `ctr task ps` (a `PID INFO` header, then one line per process).
+fn task_ps_pids(ps: &str) -> Vec<u64> {
+    let mut lines = ps.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.starts_with("PID"), "ctr task ps header: {ps}");
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("ctr task ps line {l:?}"))
+        })
+        .collect()
+}
+
 #[test]
 fn detached_run_exec_kill_delete() {
     let c = Containerd::start();
@@ -204,7 +220,9 @@ fn detached_run_exec_kill_delete() {
         &[
             "sh",
             "-c",
-            "trap 'exit 0' TERM; while true; do sleep 0.2; done",
+            // `wait` returns when the trapped TERM arrives; until then the container is
+            // exactly two processes: this shell and its sleep.
+            "trap 'exit 0' TERM; sleep 100000 & wait",
         ],
     );
 
@@ -222,12 +240,23 @@ fn detached_run_exec_kill_delete() {
     assert_eq!(out.status.code(), Some(5));
     let added = c.wait_event("/tasks/exec-added", id, EVENT);
     assert_eq!(added.body["exec_id"], "e1");
-    c.wait_event("/tasks/exec-started", id, EVENT);
+    let exec_pid = c.wait_event("/tasks/exec-started", id, EVENT).body["pid"]
+        .as_u64()
+        .expect("exec-started names the exec's pid");
     assert_eq!(c.wait_exit(id, "e1", EVENT).exit_status(), 5);
+    // `ctr task ps`: the task's init (the pid `ctr task ls` shows) and its sleep, nothing else
+    // (the exec has exited).
+    let init_pid = u64::from(c.task_pid(id).expect("ctr task ls shows the task's pid"));
     let ps = c.ctr_ok(&["task", "ps", id]);
+    let pids = task_ps_pids(&ps);
+    assert_eq!(pids.len(), 2, "sh and its sleep: {ps}");
     assert!(
-        ps.lines().count() >= 2,
-        "ctr task ps lists no process: {ps}"
+        pids.contains(&init_pid),
+        "init pid {init_pid} not listed: {ps}"
+    );
+    assert!(
+        !pids.contains(&exec_pid),
+        "the exited exec {exec_pid} listed: {ps}"
     );
 
     c.ctr_ok(&["task", "kill", id]);
@@ -328,7 +357,7 @@ fn pause_freezes_and_resume_thaws() {
 fn task_metrics_report_memory_and_pids() {
     let c = Containerd::start();
     let id = "metrics";
-    run_detached(&c, &[], id, &["sh", "-c", "while true; do sleep 1; done"]);
+    run_detached(&c, &[], id, &["sh", "-c", "sleep 100000 & wait"]);
     let out = c.ctr_ok(&["task", "metrics", "--format", "json", id]);
     let m: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("metrics JSON ({e}): {out}"));
@@ -339,7 +368,7 @@ fn task_metrics_report_memory_and_pids() {
         .as_u64()
         .or_else(|| m["memory"]["usage"]["usage"].as_u64())
         .unwrap_or(0);
-    assert!(pids >= 2, "pids.current {pids} (sh and sleep): {out}");
+    assert_eq!(pids, 2, "pids.current (sh and its sleep): {out}");
     assert!(memory > 0, "memory usage 0: {out}");
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
     c.wait_task_status(id, "STOPPED", Duration::from_secs(60));

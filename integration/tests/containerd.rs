@@ -272,8 +272,12 @@ fn detached_run_exec_kill_delete() {
     c.assert_no_leftovers(CLEANUP);
 }
 
-/// How long the paused container is watched for a tick: fifteen periods of its loop.
+/// The least time the paused container is watched for a tick: fifteen periods of its loop
+/// on a fast host.
 const FROZEN_WATCH: Duration = Duration::from_secs(3);
+/// How many of the loop's periods, as measured before the pause, the watch lasts at least
+/// (a slow lab stretches the 0.2 s period).
+const FROZEN_WATCH_PERIODS: u32 = 5;
 /// How long the loop may take to tick after start or resume (the lab is slow).
 const TICK: Duration = Duration::from_secs(60);
 
@@ -306,7 +310,7 @@ fn wait_counter_above(dir: &std::path::Path, above: u64, timeout: Duration, what
 
 /// The container's loop writes its counter into a host directory bind mounted at `/out` (an
 /// exec into a paused container would be frozen too): while paused the host sees the counter
-/// stand still for several loop periods, after resume it moves again.
+/// stand still for several of the loop's measured periods, after resume it moves again.
 #[test]
 fn pause_freezes_and_resume_thaws() {
     // Declared before the fixture, so it outlives the container's bind mount of it.
@@ -325,17 +329,25 @@ fn pause_freezes_and_resume_thaws() {
         "-c",
         "i=0; while true; do i=$((i+1)); echo $i > /out/n.new; mv /out/n.new /out/n; sleep 0.2; done",
     ]);
-    // Two ticks seen from the host: the loop runs and its writes reach the host.
+    // Three ticks seen from the host: the loop runs, its writes reach the host, and the last
+    // two give the loop's real period here (the host polls every 0.1 s).
     let first = wait_counter_above(out.path(), 0, TICK, "after start");
-    let running = wait_counter_above(out.path(), first, TICK, "after start");
+    let second = wait_counter_above(out.path(), first, TICK, "after start");
+    let timed = Instant::now();
+    let running = wait_counter_above(out.path(), second, TICK, "after start");
+    let period = timed.elapsed() / u32::try_from(running - second).expect("ticks");
+    let watch = FROZEN_WATCH.max(period * FROZEN_WATCH_PERIODS).min(TICK);
 
     c.ctr_ok(&["task", "pause", id]);
     c.wait_event("/tasks/paused", id, EVENT);
     assert_eq!(c.task_status(id).as_deref(), Some("PAUSED"));
     let paused = host_counter(out.path()).expect("counter");
-    std::thread::sleep(FROZEN_WATCH);
+    std::thread::sleep(watch);
     let still = host_counter(out.path()).expect("counter");
-    eprintln!("counter: {running} running, {paused} at pause, {still} {FROZEN_WATCH:?} later");
+    eprintln!(
+        "counter: {running} running (a tick every {period:?}), {paused} at pause, \
+         {still} {watch:?} later"
+    );
     assert_eq!(
         still, paused,
         "the counter moved while the container was paused"
@@ -344,8 +356,12 @@ fn pause_freezes_and_resume_thaws() {
     c.ctr_ok(&["task", "resume", id]);
     c.wait_event("/tasks/resumed", id, EVENT);
     assert_eq!(c.task_status(id).as_deref(), Some("RUNNING"));
+    let resumed_at = Instant::now();
     let resumed = wait_counter_above(out.path(), paused, TICK, "after resume");
-    eprintln!("counter after resume: {resumed}");
+    eprintln!(
+        "counter after resume: {resumed}, {:?} after the resume",
+        resumed_at.elapsed()
+    );
 
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
     c.wait_task_status(id, "STOPPED", Duration::from_secs(60));

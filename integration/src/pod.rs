@@ -156,6 +156,22 @@ fn build_share() -> tempfile::TempDir {
     share
 }
 
+/// The valid `CreateSandbox` request [`Pod::boot`] sends: hostname, hosts, resolv.conf and
+/// the virtio-fs share.
+pub fn sandbox_request() -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        hostname: "husk-test".into(),
+        hosts: b"127.0.0.1 localhost\n".to_vec(),
+        resolv_conf: b"nameserver 10.0.2.3\n".to_vec(),
+        share: Some(ShareSource {
+            virtiofs_tag: SHARE_TAG.into(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
 /// A booted guest with a sandbox.
 #[derive(Debug)]
 pub struct Pod {
@@ -199,19 +215,8 @@ impl Pod {
             _fs_dir: fs_dir,
             share,
         };
-        let req = CreateSandboxRequest {
-            hostname: "husk-test".into(),
-            hosts: b"127.0.0.1 localhost\n".to_vec(),
-            resolv_conf: b"nameserver 10.0.2.3\n".to_vec(),
-            share: Some(ShareSource {
-                virtiofs_tag: SHARE_TAG.into(),
-                ..Default::default()
-            })
-            .into(),
-            ..Default::default()
-        };
         pod.client
-            .create_sandbox(&req)
+            .create_sandbox(&sandbox_request())
             .await
             .unwrap_or_else(|e| panic!("CreateSandbox: {e}\n{}", pod.diagnostics()));
         pod

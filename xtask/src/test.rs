@@ -26,9 +26,10 @@ pub struct Args {
     /// Skip fmt and clippy (for quick local iterations; CI never skips them).
     #[arg(long)]
     pub no_lint: bool,
-    /// Only run component tests whose name contains this filter.
+    /// Only run component tests whose name contains this filter; repeat it to run the tests
+    /// matching any of them.
     #[arg(long)]
-    pub filter: Option<String>,
+    pub filter: Vec<String>,
 }
 
 /// The crate holding the component and end-to-end tests.
@@ -107,7 +108,7 @@ pub fn run(args: &Args) -> Result<()> {
             step(&format!("component tests: {name}"), || {
                 let mut env = parts.env(mode);
                 env.push((TEST_ROOTFS_ENV.into(), test_rootfs.display().to_string()));
-                let ran = run_component_binary(bin, env, mode, args.filter.as_deref())?;
+                let ran = run_component_binary(bin, env, mode, &args.filter)?;
                 if ran.code != 0 {
                     return Err(BinaryFailed(ran).into());
                 }
@@ -271,12 +272,11 @@ fn run_component_binary(
     bin: &Path,
     env: Vec<(String, String)>,
     mode: KvmMode,
-    filter: Option<&str>,
+    filters: &[String],
 ) -> Result<lab::Ran> {
     let mut argv = vec![bin.display().to_string()];
-    if let Some(f) = filter {
-        argv.push(f.to_string());
-    }
+    // libtest runs the tests whose names contain any of its filters.
+    argv.extend(filters.iter().cloned());
     // One guest at a time: the lab has two emulated CPUs, and parallel boots there make the
     // emulated SVM's flakes likelier without saving time.
     argv.push("--test-threads=1".into());

@@ -11,7 +11,11 @@
 //!   traffic and interrupts, but the data moves between the guest and virtiofsd (vhost-user),
 //!   and husk-vmm only relays the queue notifications.
 //!
-//! It prints `LOAD DONE <kind> <rounds> rounds in <s>` and exits 0, or panics with the VMM log
+//! - `stdout100`: one container writing 100 MiB to stdout, exactly the bulk test's `c3`;
+//! - `bulkseq`: the bulk test's sequence: `echo`, a 10 MiB stdin round trip through `cat`, then
+//!   the 100 MiB of `stdout100`.
+//!
+//! The last two run once (no time loop). It prints `LOAD DONE <kind> <rounds> rounds in <s>` and exits 0, or panics with the VMM log
 //! when the guest dies. Run it in the lab through `cargo xtask soak guest-load:<kind>`.
 
 use std::time::{Duration, Instant};
@@ -24,6 +28,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
+    if kind == "stdout100" || kind == "bulkseq" {
+        return bulk(&kind);
+    }
     let script = match kind.as_str() {
         "stdout" => "yes 0123456789abcde | head -c 10485760",
         "cpu" => "yes 0123456789abcde | head -c 10485760 | md5sum",
@@ -73,6 +80,38 @@ fn main() {
         }
         println!(
             "LOAD DONE {kind} {rounds} rounds in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+        pod.shutdown().await;
+    });
+}
+
+/// The bulk test's 100 MiB stream, alone or after its `echo` and 10 MiB stdin round trip.
+fn bulk(kind: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        let pod = Pod::boot(256).await;
+        let start = Instant::now();
+        if kind == "bulkseq" {
+            let o = pod.run("c1", &spec(&["sh", "-c", "echo out"]), None).await;
+            assert_eq!(o.stdout, b"out\n");
+            let input: Vec<u8> = (0..10 * 1024 * 1024u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+                .collect();
+            let o = pod.run("c2", &spec(&["cat"]), Some(input.clone())).await;
+            assert!(o.stdout == input, "cat returned {} bytes", o.stdout.len());
+        }
+        let len = 100 << 20;
+        let script = format!("yes 0123456789abcde | head -c {len}");
+        let o = pod.run("c3", &spec(&["sh", "-c", &script]), None).await;
+        assert_eq!(o.status, 0);
+        assert_eq!(o.stdout.len(), len);
+        println!(
+            "LOAD DONE {kind} 1 rounds in {:.1} s",
             start.elapsed().as_secs_f64()
         );
         pod.shutdown().await;

@@ -88,11 +88,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = husk_integration::experiment_runtime();
     rt.block_on(async {
         let pod = Pod::boot(256).await;
         let (pid, dir) = (pod.vm.pid(), pod.vm.dir().to_path_buf());

@@ -40,11 +40,7 @@ fn main() {
         }
         other => panic!("LOAD={other:?}: use stdout, cpu or fs"),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = husk_integration::experiment_runtime();
     rt.block_on(async {
         let pod = Pod::boot(256).await;
         let mut s = spec(&["sh", "-c", script]);
@@ -88,11 +84,7 @@ fn main() {
 
 /// The bulk test's 100 MiB stream, alone or after its `echo` and 10 MiB stdin round trip.
 fn bulk(kind: &str) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = husk_integration::experiment_runtime();
     rt.block_on(async {
         let pod = Pod::boot(256).await;
         let start = Instant::now();

@@ -38,3 +38,12 @@ pub fn required_path(var: &str) -> PathBuf {
 pub fn kvm_mode() -> String {
     std::env::var("HUSK_KVM_MODE").unwrap_or_else(|_| "unknown".to_string())
 }
+
+/// The two-worker tokio runtime the lab experiments (`examples/`) drive a pod on.
+pub fn experiment_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}

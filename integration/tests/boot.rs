@@ -162,7 +162,7 @@ fn the_agents_own_init_failure_is_status_5_and_never_a_lab_retry() {
         }
         let log = vm.vmm_log();
         let end = lab_retry::EarlyEnd {
-            vmm_status: code.filter(|_| st.is_some()),
+            vmm_status: code,
             vmm_log: &log,
         };
         if let Err(why) = lab_retry::classify_early_end(end)

@@ -8,10 +8,11 @@
 //! paths, so test binaries and artifact paths work unchanged. Output streams back over
 //! the serial console; the exit status comes back as a marker line (see `console`).
 //!
-//! The L1 boot itself is infrastructure: if it dies or hangs before the command starts,
-//! it is retried once, loudly. Once the command runs the lab retries nothing: an L1 that dies
-//! under it is reported as [`L1Died`], and only `cargo xtask test` may run that test binary
-//! again, once per suite, loudly.
+//! The L1 boot itself is infrastructure: if it dies or hangs before the command starts, it is
+//! retried once, loudly (`husk_integration::lab_retry` decides, as it does every lab retry).
+//! Once the command runs the lab retries nothing: an L1 that dies under it is reported as
+//! [`L1Died`], with what the command had printed, and only `cargo xtask test` may run that
+//! test binary again, within the suite's budget and never after it printed a test failure.
 //!
 //! Library use: [`run`] or [`LabRun`]; [`kvm_mode`]/[`probe_host_kvm`] decide whether the
 //! lab is needed at all.

@@ -38,6 +38,8 @@ const MAX_RESOLV_CONF_BYTES: u64 = 64 * 1024;
 const MAX_HOSTNAME_LEN: usize = 64;
 /// Lines of a child's log quoted when it dies.
 const LOG_TAIL_LINES: usize = 5;
+/// How much of husk-vmm's log is searched for [`AGENT_STARTED_MARKER`].
+const VMM_LOG_HEAD_BYTES: u64 = 64 * 1024;
 /// What husk-vmm logs when the agent announces its start on the boot port (docs/contracts.md).
 pub const AGENT_STARTED_MARKER: &str = "guest agent started boot_ms=";
 /// Lines of the VMM log quoted when an agent RPC times out (two state dumps and context).
@@ -371,9 +373,12 @@ impl Sandbox {
             agent = connect => match agent {
                 Ok(agent) => agent,
                 Err(source @ AgentError::Unreachable { .. }) => {
-                    let log = std::fs::read_to_string(layout.dir.join("vmm.log")).unwrap_or_default();
+                    // The marker comes within the log's first lines; the guest can make the
+                    // log long, so only its head is read.
+                    let head = read_bounded(&layout.dir.join("vmm.log"), VMM_LOG_HEAD_BYTES);
                     return Err(SandboxError::NoAnswer {
-                        agent_started: log.contains(AGENT_STARTED_MARKER),
+                        agent_started: String::from_utf8_lossy(&head)
+                            .contains(AGENT_STARTED_MARKER),
                         source,
                     });
                 }

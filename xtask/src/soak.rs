@@ -245,6 +245,10 @@ fn one_lab_run(
     lab.env = env.to_vec();
     lab.timeout = RUN_TIMEOUT;
     lab.output = Output::Capture;
+    // As in the suite: a run silent this long has a wedged L1 under it (an `L1 died` failure).
+    // The tests' waits give up sooner, and the lab experiments finish a run or print well
+    // within it.
+    lab.silence_limit = Some(test::LAB_SILENCE_LIMIT);
     Ok(match lab.run() {
         Ok(o) if o.exit_code == 0 => (Ok(o.seen.guest_retries), o.output),
         Ok(o) => (Err(classify_failure(&o.output, o.exit_code)), o.output),

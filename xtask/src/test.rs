@@ -47,7 +47,7 @@ const LAB_TEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// dying (`husk_integration::lab_retry` decides on a re-run: never after the binary printed
 /// a failure, whose cleanup may well be silent that long); the lab prints the L1's vCPU
 /// states every 2 min of silence and checks this limit at those reports.
-const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(6 * 60);
+pub const LAB_SILENCE_LIMIT: Duration = Duration::from_secs(6 * 60);
 
 /// Runs everything.
 pub fn run(args: &Args) -> Result<()> {

@@ -60,10 +60,18 @@ while [ $# -ge 2 ]; do
 done
 ip link set lo up 2>/dev/null
 
+# The L1's page migration and compaction counters around the command (issue 8: does the
+# L1 move the guest's pages, behind the nested page tables, when guests die?).
+VMSTAT_KEYS='^(pgmigrate_success|pgmigrate_fail|compact_migrate_scanned|compact_stall|compact_success|thp_fault_alloc|thp_collapse_alloc|thp_split_page|numa_pages_migrated|pgsteal_kswapd|pgsteal_direct|allocstall_normal|allocstall_movable) '
+grep -E "$VMSTAT_KEYS" /proc/vmstat > /vmstat.before
 echo "HUSK-LAB-START $NONCE"
 chroot /newroot /bin/sh /run/husk-lab/run.sh </dev/null
 rc=$?
 sync
+grep -E "$VMSTAT_KEYS" /proc/vmstat > /vmstat.after
+vm_line() { out=""; while read -r k v; do out="$out $k=$v"; done < "$1"; echo "$out"; }
+echo "husk lab: L1 vmstat before the command:$(vm_line /vmstat.before)"
+echo "husk lab: L1 vmstat after the command:$(vm_line /vmstat.after)"
 echo "HUSK-LAB-EXIT $NONCE $rc"
 set -- $RW_SHARES
 while [ $# -ge 2 ]; do

@@ -18,12 +18,11 @@ use std::os::unix::fs::symlink;
 use std::time::Duration;
 
 use husk_shim::agent::{
-    open_stdio_stream, AgentClient, CreateSandboxRequest, ShareSource, StdioConfig, StreamHeader,
-    StreamKind,
+    open_stdio_stream_at, AgentClient, CreateSandboxRequest, GuestStream, ShareSource, StdioConfig,
+    StreamHeader, StreamKind,
 };
 use husk_shim::config::CachePolicy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use crate::required_path;
 use crate::virtiofsd::Virtiofsd;
@@ -118,14 +117,24 @@ pub struct Outcome {
 }
 
 /// The host ends of one process's streams.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Streams {
     /// stdin (or the tty stream).
-    pub stdin: Option<UnixStream>,
+    pub stdin: Option<Box<dyn GuestStream>>,
     /// stdout.
-    pub stdout: Option<UnixStream>,
+    pub stdout: Option<Box<dyn GuestStream>>,
     /// stderr.
-    pub stderr: Option<UnixStream>,
+    pub stderr: Option<Box<dyn GuestStream>>,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("stdin", &self.stdin.is_some())
+            .field("stdout", &self.stdout.is_some())
+            .field("stderr", &self.stderr.is_some())
+            .finish()
+    }
 }
 
 /// Builds the share directory described in the module documentation.
@@ -204,7 +213,7 @@ impl Pod {
             opts.fs = Some((daemon.socket.clone(), SHARE_TAG.into()));
             (daemon, dir)
         });
-        let client = match AgentClient::connect(&vm.vsock_uds, AGENT_PORT, WAIT).await {
+        let client = match AgentClient::connect(&vm.endpoint, AGENT_PORT, WAIT).await {
             Ok(c) => c,
             Err(e) => panic!("agent did not answer: {e}\n{}", vm.diagnostics()),
         };
@@ -239,9 +248,9 @@ impl Pod {
                 exec_id: eid.into(),
                 kind,
             };
-            let uds = self.vm.vsock_uds.clone();
+            let endpoint = self.vm.endpoint.clone();
             async move {
-                open_stdio_stream(&uds, &header)
+                open_stdio_stream_at(&endpoint, &header)
                     .await
                     .unwrap_or_else(|e| panic!("stdio stream {kind:?}: {e}"))
             }
@@ -318,7 +327,7 @@ impl Pod {
                 let _ = s.read_to_end(&mut sink).await;
             }
         });
-        let read_all = |s: Option<UnixStream>| {
+        let read_all = |s: Option<Box<dyn GuestStream>>| {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if let Some(mut s) = s {

@@ -7,14 +7,24 @@
 //! the agent is ready with a guest-side failure, may be booted again. Every retry is printed and
 //! counts against a budget shared by the whole test binary. A failure the VMM itself reports
 //! (exit status 1) is never retried.
+//!
+//! With `HUSK_TEST_VMM=qemu` the same guest boots under QEMU `-M microvm` instead (the lab
+//! experiments' baseline, issue 8): its vsock device is the kernel's vhost-vsock, reached at the
+//! guest's CID, and the agent's status port goes to a watcher that writes husk-vmm's own
+//! `guest agent started` / `guest ready` lines into the VMM log, so every waiting and retry
+//! decision reads one log either way.
 
 use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use husk_shim::vmm::{Console, VmmCommand};
+use husk_shim::agent::VsockEndpoint;
+use husk_shim::vmm::{host_tsc_khz, Console, QemuCommand, VmmCommand};
 
 use crate::lab_retry::{self, EarlyEnd};
 use crate::required_path;
@@ -38,9 +48,38 @@ pub mod status {
     pub const AGENT_FAILED: i32 = 5;
 }
 
+/// The environment variable that picks the VMM: `husk-vmm` (the default) or `qemu`.
+pub const VMM_ENV: &str = "HUSK_TEST_VMM";
+/// What the QEMU status watcher logs when QEMU ends without the agent's clean shutdown
+/// after ready: with `reboot=t` and `-no-reboot`, a triple fault or a panic's reboot.
+pub const QEMU_RESET_MARKER: &str =
+    "qemu: the guest reset after ready without the agent's clean shutdown";
+
+/// Which VMM runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Our own VMM.
+    HuskVmm,
+    /// QEMU `-M microvm` with vhost-vsock (the baseline).
+    Qemu,
+}
+
+impl Backend {
+    /// The backend `HUSK_TEST_VMM` names; husk-vmm when unset. Panics on any other value.
+    pub fn from_env() -> Self {
+        match std::env::var(VMM_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("husk-vmm") => Self::HuskVmm,
+            Ok("qemu") => Self::Qemu,
+            Ok(other) => panic!("{VMM_ENV}={other:?}: expected husk-vmm or qemu"),
+        }
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
+    /// The VMM.
+    pub backend: Backend,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest memory in MiB.
@@ -58,6 +97,7 @@ pub struct VmOptions {
 impl Default for VmOptions {
     fn default() -> Self {
         Self {
+            backend: Backend::from_env(),
             vcpus: 1,
             mem_mib: 256,
             cmdline_extra: None,
@@ -68,13 +108,15 @@ impl Default for VmOptions {
     }
 }
 
-/// A running husk-vmm process and the files it writes.
+/// A running husk-vmm (or QEMU) process and the files it writes.
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
     dir: tempfile::TempDir,
-    /// The hybrid vsock Unix socket.
+    /// The hybrid vsock Unix socket (husk-vmm's; QEMU never creates it).
     pub vsock_uds: PathBuf,
+    /// Where the host reaches the guest's vsock ports.
+    pub endpoint: VsockEndpoint,
     /// Launch → ready as the VMM logged it.
     pub boot_ms: u64,
     exit: Option<ExitStatus>,
@@ -165,9 +207,8 @@ impl Vm {
         }
     }
 
-    /// Starts husk-vmm without waiting for anything.
+    /// Starts the VMM without waiting for anything.
     pub fn spawn(opts: &VmOptions) -> Vm {
-        let vmm = required_path("HUSK_VMM");
         let kernel = required_path("HUSK_KERNEL");
         let initrd = opts
             .initrd
@@ -178,21 +219,46 @@ impl Vm {
             .tempdir()
             .expect("temp dir");
         let vsock_uds = dir.path().join("vsock.sock");
-        let console = dir.path().join("console.log");
-        let log = fs::File::create(dir.path().join("vmm.log")).expect("vmm log");
-        let mut vmm_cmd = VmmCommand::new(vmm, kernel, &vsock_uds)
-            .initrd(initrd)
-            .mem_mib(opts.mem_mib)
-            .vcpus(opts.vcpus)
-            .console(Console::File(console));
-        if let Some(extra) = &opts.cmdline_extra {
-            vmm_cmd = vmm_cmd.cmdline_extra(extra.clone());
-        }
-        if let Some((socket, tag)) = &opts.fs {
-            vmm_cmd = vmm_cmd.fs(socket, tag.clone());
-        }
-        let child = vmm_cmd
-            .command()
+        let console = Console::File(dir.path().join("console.log"));
+        let log_path = dir.path().join("vmm.log");
+        let log = fs::File::create(&log_path).expect("vmm log");
+        let (mut cmd, endpoint) = match opts.backend {
+            Backend::HuskVmm => {
+                let mut vmm_cmd = VmmCommand::new(required_path("HUSK_VMM"), kernel, &vsock_uds)
+                    .initrd(initrd)
+                    .mem_mib(opts.mem_mib)
+                    .vcpus(opts.vcpus)
+                    .console(console);
+                if let Some(extra) = &opts.cmdline_extra {
+                    vmm_cmd = vmm_cmd.cmdline_extra(extra.clone());
+                }
+                if let Some((socket, tag)) = &opts.fs {
+                    vmm_cmd = vmm_cmd.fs(socket, tag.clone());
+                }
+                (vmm_cmd.command(), VsockEndpoint::Hybrid(vsock_uds.clone()))
+            }
+            Backend::Qemu => {
+                let cid = next_guest_cid();
+                let status = dir.path().join("status.sock");
+                let listener = UnixListener::bind(&status).expect("status port socket");
+                watch_status_port(listener, log_path.clone(), Instant::now());
+                let mut qemu = QemuCommand::new(kernel, cid)
+                    .initrd(initrd)
+                    .mem_mib(opts.mem_mib)
+                    .vcpus(opts.vcpus)
+                    .console(console)
+                    .tsc_khz(host_tsc_khz())
+                    .status_port(&status);
+                if let Some(extra) = &opts.cmdline_extra {
+                    qemu = qemu.cmdline_extra(extra.clone());
+                }
+                if let Some((socket, tag)) = &opts.fs {
+                    qemu = qemu.fs(socket, tag.clone());
+                }
+                (qemu.command(), VsockEndpoint::Kernel { cid })
+            }
+        };
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or("info".into()),
@@ -201,11 +267,12 @@ impl Vm {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn husk-vmm");
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", opts.backend));
         Vm {
             child,
             dir,
             vsock_uds,
+            endpoint,
             boot_ms: 0,
             exit: None,
         }
@@ -286,6 +353,58 @@ impl Drop for Vm {
         self.kill();
     }
 }
+
+/// A guest CID no other VM of this L1 holds: vhost-vsock needs them unique per host, and
+/// test binaries run one after another (their pids differ) with their VMs numbered within.
+fn next_guest_cid() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % 64;
+    3 + (std::process::id() % 1_000_000) * 64 + n
+}
+
+/// Follows QEMU's view of the agent's status port (one byte per event, docs/contracts.md) and
+/// logs husk-vmm's lines for them into `log`; when QEMU ends (the socket closes) after ready
+/// without the agent's clean-shutdown byte, logs [`QEMU_RESET_MARKER`].
+fn watch_status_port(listener: UnixListener, log: PathBuf, launched: Instant) {
+    std::thread::spawn(move || {
+        let Ok((mut port, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(mut log) = fs::OpenOptions::new().append(true).open(&log) else {
+            return;
+        };
+        let (mut ready, mut clean) = (false, false);
+        let mut byte = [0u8; 1];
+        while let Ok(1) = port.read(&mut byte) {
+            let ms = launched.elapsed().as_millis();
+            let line = match byte[0] {
+                0x04 => format!("{AGENT_STARTED}{ms}"),
+                0x01 => {
+                    ready = true;
+                    format!("{READY_MARKER}{ms}")
+                }
+                0x02 => {
+                    clean = true;
+                    "qemu: the agent announced a clean shutdown".into()
+                }
+                0x03 => "qemu: the agent announced its own failure".into(),
+                other => format!("qemu: status port byte {other:#04x}"),
+            };
+            let _ = writeln!(log, "{line}");
+        }
+        if ready && !clean {
+            let _ = writeln!(
+                log,
+                "{QEMU_RESET_MARKER} ({:.1} s after launch; `reboot=t`: a triple fault, or a \
+                 kernel panic's reboot if the console shows one)",
+                launched.elapsed().as_secs_f64()
+            );
+        }
+    });
+}
+
+/// What husk-vmm logs on the agent's first status byte 0x04.
+const AGENT_STARTED: &str = husk_shim::sandbox::AGENT_STARTED_MARKER;
 
 /// The last `n` lines of `text`, for failure messages.
 pub fn last_lines(text: &str, n: usize) -> String {

@@ -6,12 +6,13 @@
 //! every reply, written by a guest we do not trust, is validated before it is returned.
 
 mod containers;
+mod endpoint;
 mod handshake;
 #[cfg(test)]
 mod tests;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use husk_agent_api::agent::{
@@ -19,10 +20,10 @@ use husk_agent_api::agent::{
     VersionRequest, VersionResponse,
 };
 use husk_agent_api::agent_ttrpc;
-use tokio::net::UnixStream;
 use tracing::debug;
 
-pub use containers::{open_stdio_stream, StdioStreamError, STDIO_VSOCK_PORT};
+pub use containers::{open_stdio_stream, open_stdio_stream_at, StdioStreamError, STDIO_VSOCK_PORT};
+pub use endpoint::{GuestStream, VsockEndpoint};
 pub use handshake::HandshakeError;
 pub use husk_agent_api::agent::{CreateSandboxRequest, ShareSource, StdioConfig};
 pub use husk_agent_api::stdio::{StreamHeader, StreamKind};
@@ -46,6 +47,17 @@ pub enum AgentError {
     Connect {
         /// The VMM's socket.
         path: PathBuf,
+        /// The connect(2) error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Cannot connect to the guest over AF_VSOCK
+    #[error("Cannot connect to guest CID {cid} port {port} over AF_VSOCK")]
+    VsockConnect {
+        /// The guest's context id.
+        cid: u32,
+        /// The guest port.
+        port: u32,
         /// The connect(2) error.
         #[source]
         source: std::io::Error,
@@ -121,6 +133,7 @@ impl AgentError {
                 source.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ),
+            Self::VsockConnect { source, .. } => endpoint::vsock_connect_is_transient(source),
             Self::Handshake { source, .. } => source.is_transient(),
             Self::HandshakeTimeout(_)
             | Self::Timeout { .. }
@@ -222,24 +235,25 @@ fn check_guest_string(method: &'static str, field: &str, value: &str) -> Result<
 }
 
 impl AgentClient {
-    /// Connects to the agent on guest `port` (normally [`AGENT_VSOCK_PORT`]) through the
-    /// VMM's hybrid vsock socket `uds_path`, retrying with a short backoff until the agent
-    /// answers `Health.Check` or `deadline` passes. Default timeouts.
+    /// Connects to the agent on guest `port` (normally [`AGENT_VSOCK_PORT`]) at `endpoint`
+    /// (the VMM's hybrid vsock socket, or a guest CID over AF_VSOCK), retrying with a short
+    /// backoff until the agent answers `Health.Check` or `deadline` passes. Default timeouts.
     pub async fn connect(
-        uds_path: &Path,
+        endpoint: impl Into<VsockEndpoint>,
         port: u32,
         deadline: impl Into<Deadline>,
     ) -> Result<Self, AgentError> {
-        Self::connect_with(uds_path, port, deadline, ClientConfig::default()).await
+        Self::connect_with(endpoint, port, deadline, ClientConfig::default()).await
     }
 
     /// [`AgentClient::connect`] with explicit timeouts.
     pub async fn connect_with(
-        uds_path: &Path,
+        endpoint: impl Into<VsockEndpoint>,
         port: u32,
         deadline: impl Into<Deadline>,
         config: ClientConfig,
     ) -> Result<Self, AgentError> {
+        let endpoint = endpoint.into();
         let Deadline(deadline) = deadline.into();
         let started = Instant::now();
         let mut attempts = 0u32;
@@ -256,7 +270,7 @@ impl AgentClient {
             }
             attempts += 1;
             let limit = remaining.min(config.attempt_timeout);
-            match Self::attempt(uds_path, port, config, limit).await {
+            match Self::attempt(&endpoint, port, config, limit).await {
                 Ok(client) => {
                     debug!(attempts, elapsed = ?started.elapsed(), "agent answered");
                     return Ok(client);
@@ -275,27 +289,14 @@ impl AgentClient {
 
     /// One connection attempt, bounded by `limit` as a whole.
     async fn attempt(
-        uds_path: &Path,
+        endpoint: &VsockEndpoint,
         port: u32,
         config: ClientConfig,
         limit: Duration,
     ) -> Result<Self, AgentError> {
         let attempt_deadline = tokio::time::Instant::now() + limit;
-        let mut stream =
-            UnixStream::connect(uds_path)
-                .await
-                .map_err(|source| AgentError::Connect {
-                    path: uds_path.to_owned(),
-                    source,
-                })?;
-        tokio::time::timeout_at(attempt_deadline, handshake::handshake(&mut stream, port))
-            .await
-            .map_err(|_| AgentError::HandshakeTimeout(limit))?
-            .map_err(|source| AgentError::Handshake {
-                path: uds_path.to_owned(),
-                source,
-            })?;
-        let ttrpc = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(stream));
+        let stream = endpoint.connect(port, limit).await?;
+        let ttrpc = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
         let client = Self {
             health: agent_ttrpc::HealthClient::new(ttrpc.clone()),
             agent: agent_ttrpc::AgentClient::new(ttrpc),

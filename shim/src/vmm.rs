@@ -1,6 +1,7 @@
-//! Command lines of the two host processes of a pod: `husk-vmm` and `virtiofsd`.
+//! Command lines of the two host processes of a pod: `husk-vmm` and `virtiofsd`, and of QEMU,
+//! the reference VMM the lab experiments and benchmarks run the same guest under ([`qemu`]).
 //!
-//! This module is the one place that knows the flags of both. [`VmmCommand`] spells
+//! This module is the one place that knows the flags of each. [`VmmCommand`] spells
 //! husk-vmm's (vmm/src/config.rs); the shim, xtask and the tests build their VMs through it, and
 //! `vmm/tests/shim_command.rs` feeds its output to husk-vmm's own parser, so a flag renamed on
 //! one side fails a test. [`VirtiofsdCommand`] spells virtiofsd's (1.14; its parser is not ours
@@ -12,6 +13,30 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::CachePolicy;
+
+mod qemu;
+pub use qemu::{QemuCommand, QEMU_PROGRAM};
+
+/// The fixed part of the guest kernel command line (docs/contracts.md). husk-vmm builds the
+/// same line (`husk_vmm::builder::BASE_CMDLINE`, held equal by `vmm/tests/shim_command.rs`);
+/// QEMU gets it through [`QemuCommand`].
+pub const GUEST_BASE_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// The host's TSC frequency in kHz, from `cpu MHz` of `/proc/cpuinfo` (on this project's
+/// hosts the TSC is constant and its frequency known: `tsc_known_freq`). Nested guests need it
+/// as `tsc_early_khz=` because their own PIT calibration is unreliable under emulation
+/// (DESIGN.md "Host facts"): the lab's L1, and QEMU's guests (husk-vmm asks KVM instead).
+pub fn host_tsc_khz() -> Option<u64> {
+    parse_cpu_mhz_khz(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+fn parse_cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
+    // Rounded to whole kHz: at most 1 ppm off the kernel's own calibration.
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
 
 /// Where the guest serial console goes (`--console`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -276,6 +301,15 @@ mod tests {
 
     fn strings(args: Vec<OsString>) -> Vec<String> {
         args.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn cpu_mhz() {
+        let cpuinfo =
+            "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2596.150\ncache size\t: 512 KB\n";
+        assert_eq!(parse_cpu_mhz_khz(cpuinfo), Some(2_596_150));
+        assert_eq!(parse_cpu_mhz_khz("processor\t: 0\n"), None);
+        assert_eq!(parse_cpu_mhz_khz("cpu MHz\t: n/a\n"), None);
     }
 
     #[test]

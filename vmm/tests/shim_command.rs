@@ -107,3 +107,11 @@ fn each_console_destination_means_the_same_to_both() {
         assert_eq!(parse(&cmd).console, expected);
     }
 }
+
+#[test]
+fn the_shim_and_husk_vmm_boot_the_same_kernel_command_line() {
+    assert_eq!(
+        husk_shim::vmm::GUEST_BASE_CMDLINE,
+        husk_vmm::builder::BASE_CMDLINE
+    );
+}

@@ -20,15 +20,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use husk_shim::vmm::{Console, VmmCommand};
+use husk_shim::vmm::{host_tsc_khz, Console, QemuCommand, VmmCommand};
 
 mod ctr;
 mod exec;
 mod fs;
 
-/// The guest command line both VMMs boot with (husk-vmm builds its own identical base line).
-const BASE_CMDLINE: &str =
-    "console=ttyS0 quiet reboot=t panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 /// How long one boot may take before it counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -83,7 +80,7 @@ pub fn run_boot_inner(b: &BootBench) -> Result<()> {
             let (name, series, res) = if is_husk {
                 ("husk-vmm", &mut husk, boot_husk(b))
             } else {
-                ("qemu", &mut qemu, boot_qemu(b, tsc_khz.as_deref()))
+                ("qemu", &mut qemu, boot_qemu(b, tsc_khz))
             };
             match res {
                 Ok(s) => {
@@ -210,48 +207,20 @@ fn boot_husk(b: &BootBench) -> Result<Sample> {
     })
 }
 
-fn boot_qemu(b: &BootBench, tsc_khz: Option<&str>) -> Result<Sample> {
+fn boot_qemu(b: &BootBench, tsc_khz: Option<u64>) -> Result<Sample> {
     let dir = tempfile::Builder::new().prefix("husk-bench").tempdir()?;
     let sock = dir.path().join("ready.sock");
     let listener = UnixListener::bind(&sock)?;
-    let mut cmdline = BASE_CMDLINE.to_string();
-    if let Some(khz) = tsc_khz {
-        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
-    }
+    let console = dir.path().join("console.log");
     let start = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-enable-kvm", "-cpu", "host"])
-        .args([
-            "-M",
-            "microvm,x-option-roms=off,acpi=off,memory-backend=mem",
-        ])
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={}M", b.mem_mib),
-        ])
-        .args([
-            "-smp",
-            &b.vcpus.to_string(),
-            "-m",
-            &format!("{}M", b.mem_mib),
-        ])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args([
-            "-serial",
-            &format!("file:{}", dir.path().join("console.log").display()),
-        ])
-        .args(["-device", "vhost-vsock-device,guest-cid=3"])
-        .args([
-            "-chardev",
-            &format!("socket,id=ready,path={}", sock.display()),
-            "-device",
-            "isa-debugcon,iobase=0x440,chardev=ready",
-        ])
-        .arg("-kernel")
-        .arg(&b.kernel)
-        .arg("-initrd")
-        .arg(&b.initrd)
-        .args(["-append", &cmdline])
+    let child = QemuCommand::new(&b.kernel, 3)
+        .initrd(&b.initrd)
+        .mem_mib(b.mem_mib)
+        .vcpus(b.vcpus)
+        .console(Console::File(console))
+        .tsc_khz(tsc_khz)
+        .status_port(&sock)
+        .command()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -304,21 +273,6 @@ fn rss_of(pid: u32) -> Result<(u64, u64)> {
             .unwrap_or(0)
     };
     Ok((field("VmRSS:"), field("RssShmem:")))
-}
-
-/// The host TSC frequency in kHz as the kernel measured it, for QEMU's command line (husk-vmm
-/// adds the value KVM reports itself).
-fn host_tsc_khz() -> Option<String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(format!("{}", (mhz * 1000.0) as u64))
 }
 
 /// Checks that the files the bench needs exist.

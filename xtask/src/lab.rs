@@ -21,7 +21,8 @@
 //! caller's `PATH`, `HOME`, `USER`, `RUST_*` test/log variables, `CARGO_TARGET_DIR` and
 //! every `HUSK_*` pass through; `--env K=V` adds more. The command's stdin is
 //! `/dev/null`, its stdout and stderr both arrive on our stdout (one serial line).
-//! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr. `/tmp` and `/run` in the
+//! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr; `HUSK_LAB_L1_CMDLINE` adds
+//! words to the L1 kernel's command line (`husk_lab.kvm_amd=vgif=0` sets kvm_amd's parameters). `/tmp` and `/run` in the
 //! lab are fresh tmpfs; everything else outside the shares is read-only.
 
 mod console;
@@ -40,6 +41,7 @@ use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::cache;
+pub use husk_shim::vmm::host_tsc_khz;
 pub use probe::{build_vmm, kvm_mode, probe_host_kvm, KvmMode, HUSK_KVM_MODE_ENV};
 pub use qemu::{Output, Seen};
 
@@ -63,6 +65,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Set to `1` to see the L1's boot console (without `quiet`) on stderr.
 pub const HUSK_LAB_VERBOSE_ENV: &str = "HUSK_LAB_VERBOSE";
+/// Words added to the L1 kernel's command line, for lab experiments (issue 8): kernel options
+/// (`transparent_hugepage=never`) and `husk_lab.kvm_amd=vgif=0,avic=0` for kvm_amd's
+/// parameters. Unset: the default lab.
+pub const HUSK_LAB_L1_CMDLINE_ENV: &str = "HUSK_LAB_L1_CMDLINE";
 
 /// Arguments of `cargo xtask lab`.
 #[derive(Debug, clap::Args)]
@@ -210,6 +216,9 @@ impl LabRun {
                 tsc_khz,
                 symbols: &symbols,
                 silence_limit: self.silence_limit,
+                l1_cmdline_extra: std::env::var(HUSK_LAB_L1_CMDLINE_ENV)
+                    .ok()
+                    .filter(|v| !v.trim().is_empty()),
             };
             let ended = qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout);
             keep_symbols(job.path(), &symbols);
@@ -451,21 +460,6 @@ fn nonce() -> Result<String> {
     Ok(hex::encode(bytes))
 }
 
-/// The host's TSC frequency in kHz, from `cpu MHz` of `/proc/cpuinfo` (on this
-/// workplace's hosts the TSC is constant and its frequency known: `tsc_known_freq`).
-/// Guests need it as `tsc_early_khz=` because their own PIT calibration is unreliable
-/// under emulation (DESIGN.md "Host facts").
-pub fn host_tsc_khz() -> Option<u64> {
-    parse_cpu_mhz_khz(&fs::read_to_string("/proc/cpuinfo").ok()?)
-}
-
-fn parse_cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {
-    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
-    let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
-    // Rounded to whole kHz: at most 1 ppm off the kernel's own calibration.
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
 /// Parses `90s`, `40m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -503,15 +497,6 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("7d").is_err());
         assert!(parse_duration("m").is_err());
-    }
-
-    #[test]
-    fn cpu_mhz() {
-        let cpuinfo =
-            "processor\t: 0\nmodel name\t: AMD EPYC\ncpu MHz\t\t: 2596.150\ncache size\t: 512 KB\n";
-        assert_eq!(parse_cpu_mhz_khz(cpuinfo), Some(2_596_150));
-        assert_eq!(parse_cpu_mhz_khz("processor\t: 0\n"), None);
-        assert_eq!(parse_cpu_mhz_khz("cpu MHz\t: n/a\n"), None);
     }
 
     #[test]

@@ -43,6 +43,22 @@ pub struct Args {
     /// Container cycles per run (`container-cycles`).
     #[arg(long, default_value_t = 300)]
     pub cycles: u32,
+    /// The VMM of the lab workloads' guests: `husk-vmm`, `qemu` (QEMU `-M microvm` with
+    /// vhost-vsock, the baseline), or `both`, alternating run by run (husk-vmm first) so the
+    /// two meet the same lab conditions.
+    #[arg(long, default_value = "husk-vmm", value_parser = ["husk-vmm", "qemu", "both"])]
+    pub vmm: String,
+}
+
+impl Args {
+    /// The VMM of lab run `run` (1-based).
+    fn vmm_of_run(&self, run: u32) -> &'static str {
+        match self.vmm.as_str() {
+            "qemu" => "qemu",
+            "both" if run % 2 == 0 => "qemu",
+            _ => "husk-vmm",
+        }
+    }
 }
 
 /// The bulk-stream component test.
@@ -85,6 +101,20 @@ pub fn run(args: &Args) -> Result<()> {
     let retries: u32 = outcomes.iter().filter_map(|o| o.as_ref().ok()).sum();
     for f in &failures {
         println!("{f}");
+    }
+    if args.vmm == "both" {
+        for vmm in ["husk-vmm", "qemu"] {
+            let runs: Vec<_> = (1..=args.runs)
+                .zip(&outcomes)
+                .filter(|(run, _)| args.vmm_of_run(*run) == vmm)
+                .map(|(_, o)| o)
+                .collect();
+            let failed = runs.iter().filter(|o| o.is_err()).count();
+            println!(
+                "soak: {vmm}: {} passed, {failed} failed",
+                runs.len() - failed
+            );
+        }
     }
     let failed = failures.len() as u32;
     println!(
@@ -193,6 +223,10 @@ fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
     let mut outcomes = Vec::new();
     for run in 1..=args.runs {
         let started = Instant::now();
+        let vmm = args.vmm_of_run(run);
+        let mut env = env.clone();
+        env.push((husk_integration::vm::VMM_ENV.into(), vmm.into()));
+        println!("soak: run {run}/{} under {vmm}", args.runs);
         let (outcome, output) = one_lab_run(&argv, &env, mode)?;
         let log = logs.join(format!("run-{run}.log"));
         fs::write(&log, &output).with_context(|| format!("Cannot write {}", log.display()))?;
@@ -277,6 +311,8 @@ pub fn classify_failure(output: &str, code: i32) -> String {
         "guest triple fault"
     } else if output.contains("Kernel panic - not syncing") {
         "guest kernel panic"
+    } else if output.contains(husk_integration::vm::QEMU_RESET_MARKER) {
+        "guest triple fault"
     } else if output.contains("timed out") || output.contains("did not answer") {
         "stall (a wait for the guest timed out)"
     } else if output.contains("lab: the command printed nothing") {

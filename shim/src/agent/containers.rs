@@ -17,10 +17,10 @@ use husk_agent_api::agent::{
 };
 use husk_agent_api::stdio::{valid_id, Ack, StreamHeader};
 pub use husk_agent_api::STDIO_VSOCK_PORT;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use super::{handshake, AgentClient, AgentError};
+use super::{handshake, AgentClient, AgentError, GuestStream, VsockEndpoint};
 
 /// Highest pid the guest kernel can hand out (`PID_MAX_LIMIT` on 64-bit).
 const PID_MAX_LIMIT: u32 = 4 * 1024 * 1024;
@@ -338,6 +338,34 @@ pub async fn open_stdio_stream(
     handshake::handshake(&mut stream, STDIO_VSOCK_PORT)
         .await
         .map_err(StdioStreamError::Handshake)?;
+    bind_stdio_stream(stream, header).await
+}
+
+/// [`open_stdio_stream`] at any [`VsockEndpoint`] (a guest CID over AF_VSOCK too), as a
+/// boxed stream.
+pub async fn open_stdio_stream_at(
+    endpoint: &VsockEndpoint,
+    header: &StreamHeader,
+) -> Result<Box<dyn GuestStream>, StdioStreamError> {
+    if let VsockEndpoint::Hybrid(path) = endpoint {
+        let stream = open_stdio_stream(path, header).await?;
+        return Ok(Box::new(stream));
+    }
+    let stream = endpoint
+        .connect(STDIO_VSOCK_PORT, STDIO_CONNECT_LIMIT)
+        .await
+        .map_err(|e| StdioStreamError::Connect(std::io::Error::other(format!("{e:#}"))))?;
+    bind_stdio_stream(stream, header).await
+}
+
+/// How long the connect to the stdio port may take over AF_VSOCK.
+const STDIO_CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Sends `header` on a connected stdio stream and waits for the agent's acceptance.
+async fn bind_stdio_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    header: &StreamHeader,
+) -> Result<S, StdioStreamError> {
     stream
         .write_all(&header.encode())
         .await

@@ -9,8 +9,14 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
 NONCE=unknown
+KVM_AMD_PARAMS=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in husk_lab.nonce=*) NONCE="${arg#husk_lab.nonce=}" ;; esac
+    case "$arg" in
+        husk_lab.nonce=*) NONCE="${arg#husk_lab.nonce=}" ;;
+        # kvm_amd's module parameters (HUSK_LAB_L1_CMDLINE), comma-separated: insmod takes
+        # them as arguments, the kernel command line does not reach it.
+        husk_lab.kvm_amd=*) KVM_AMD_PARAMS=$(echo "${arg#husk_lab.kvm_amd=}" | tr , ' ') ;;
+    esac
 done
 
 die() {
@@ -22,8 +28,12 @@ die() {
 }
 
 for ko in $(cat /lib/modules/load-order); do
-    insmod "/lib/modules/$ko" || die "insmod $ko failed"
+    params=
+    case "$ko" in */kvm-amd.ko) params="$KVM_AMD_PARAMS" ;; esac
+    # One word per parameter: $params unquoted on purpose.
+    insmod "/lib/modules/$ko" $params || die "insmod $ko $params failed"
 done
+[ -n "$KVM_AMD_PARAMS" ] && echo "husk lab: kvm_amd $KVM_AMD_PARAMS"
 [ -c /dev/kvm ] || die "no /dev/kvm after loading kvm_amd"
 dmesg | grep -q "Nested Paging enabled" || die "kvm_amd loaded without nested paging"
 echo "HUSK-LAB-KVM $NONCE"

@@ -59,6 +59,9 @@ pub struct Launch<'a> {
     pub symbols: &'a Path,
     /// See `LabRun::silence_limit`.
     pub silence_limit: Option<Duration>,
+    /// Words added to the L1 kernel's command line (`HUSK_LAB_L1_CMDLINE`), for lab
+    /// experiments: kernel options, and `husk_lab.kvm_amd=a=1,b=0` for kvm_amd's parameters.
+    pub l1_cmdline_extra: Option<String>,
 }
 
 /// Where the command's output goes.
@@ -160,10 +163,14 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
         Some(khz) => format!(" tsc_early_khz={khz} tsc=reliable"),
         None => String::new(),
     };
-    let cmdline = format!(
+    let mut cmdline = format!(
         "console=ttyS0{quiet}{tsc} mitigations=off nokaslr reboot=t panic=-1 husk_lab.nonce={}",
         launch.nonce
     );
+    if let Some(extra) = &launch.l1_cmdline_extra {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
     args.extend(["-append".into(), cmdline.into()]);
     let mut share = |id: &str, path: &Path, tag: &str, readonly: bool| {
         let ro = if readonly { ",readonly=on" } else { "" };

@@ -222,39 +222,27 @@ impl Vm {
         let console = Console::File(dir.path().join("console.log"));
         let log_path = dir.path().join("vmm.log");
         let log = fs::File::create(&log_path).expect("vmm log");
+        let mut guest = VmmCommand::new(required_path("HUSK_VMM"), kernel, &vsock_uds)
+            .initrd(initrd)
+            .mem_mib(opts.mem_mib)
+            .vcpus(opts.vcpus)
+            .console(console);
+        if let Some(extra) = &opts.cmdline_extra {
+            guest = guest.cmdline_extra(extra.clone());
+        }
+        if let Some((socket, tag)) = &opts.fs {
+            guest = guest.fs(socket, tag.clone());
+        }
         let (mut cmd, endpoint) = match opts.backend {
-            Backend::HuskVmm => {
-                let mut vmm_cmd = VmmCommand::new(required_path("HUSK_VMM"), kernel, &vsock_uds)
-                    .initrd(initrd)
-                    .mem_mib(opts.mem_mib)
-                    .vcpus(opts.vcpus)
-                    .console(console);
-                if let Some(extra) = &opts.cmdline_extra {
-                    vmm_cmd = vmm_cmd.cmdline_extra(extra.clone());
-                }
-                if let Some((socket, tag)) = &opts.fs {
-                    vmm_cmd = vmm_cmd.fs(socket, tag.clone());
-                }
-                (vmm_cmd.command(), VsockEndpoint::Hybrid(vsock_uds.clone()))
-            }
+            Backend::HuskVmm => (guest.command(), VsockEndpoint::Hybrid(vsock_uds.clone())),
             Backend::Qemu => {
                 let cid = next_guest_cid();
                 let status = dir.path().join("status.sock");
                 let listener = UnixListener::bind(&status).expect("status port socket");
                 watch_status_port(listener, log_path.clone(), Instant::now());
-                let mut qemu = QemuCommand::new(kernel, cid)
-                    .initrd(initrd)
-                    .mem_mib(opts.mem_mib)
-                    .vcpus(opts.vcpus)
-                    .console(console)
+                let qemu = QemuCommand::like(&guest, cid)
                     .tsc_khz(host_tsc_khz())
                     .status_port(&status);
-                if let Some(extra) = &opts.cmdline_extra {
-                    qemu = qemu.cmdline_extra(extra.clone());
-                }
-                if let Some((socket, tag)) = &opts.fs {
-                    qemu = qemu.fs(socket, tag.clone());
-                }
                 (qemu.command(), VsockEndpoint::Kernel { cid })
             }
         };

@@ -65,6 +65,7 @@ pub enum Console {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmmCommand {
+    // The guest part is read by `qemu::QemuCommand::like` too.
     program: PathBuf,
     kernel: PathBuf,
     initrd: Option<PathBuf>,

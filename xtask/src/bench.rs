@@ -166,14 +166,19 @@ impl Drop for Reaped {
     }
 }
 
-fn boot_husk(b: &BootBench) -> Result<Sample> {
-    let dir = tempfile::Builder::new().prefix("husk-bench").tempdir()?;
-    let start = Instant::now();
-    let child = VmmCommand::new(&b.vmm, &b.kernel, dir.path().join("vsock.sock"))
+/// The guest both VMMs boot, with its files in `dir`.
+fn guest(b: &BootBench, dir: &Path) -> VmmCommand {
+    VmmCommand::new(&b.vmm, &b.kernel, dir.join("vsock.sock"))
         .initrd(&b.initrd)
         .mem_mib(b.mem_mib)
         .vcpus(b.vcpus)
-        .console(Console::File(dir.path().join("console.log")))
+        .console(Console::File(dir.join("console.log")))
+}
+
+fn boot_husk(b: &BootBench) -> Result<Sample> {
+    let dir = tempfile::Builder::new().prefix("husk-bench").tempdir()?;
+    let start = Instant::now();
+    let child = guest(b, dir.path())
         .command()
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -211,13 +216,8 @@ fn boot_qemu(b: &BootBench, tsc_khz: Option<u64>) -> Result<Sample> {
     let dir = tempfile::Builder::new().prefix("husk-bench").tempdir()?;
     let sock = dir.path().join("ready.sock");
     let listener = UnixListener::bind(&sock)?;
-    let console = dir.path().join("console.log");
     let start = Instant::now();
-    let child = QemuCommand::new(&b.kernel, 3)
-        .initrd(&b.initrd)
-        .mem_mib(b.mem_mib)
-        .vcpus(b.vcpus)
-        .console(Console::File(console))
+    let child = QemuCommand::like(&guest(b, dir.path()), 3)
         .tsc_khz(tsc_khz)
         .status_port(&sock)
         .command()

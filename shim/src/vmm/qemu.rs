@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::{Console, GUEST_BASE_CMDLINE};
+use super::{Console, VmmCommand, GUEST_BASE_CMDLINE};
 
 /// Debian's QEMU binary.
 pub const QEMU_PROGRAM: &str = "qemu-system-x86_64";
@@ -20,85 +20,39 @@ pub const QEMU_PROGRAM: &str = "qemu-system-x86_64";
 /// A QEMU `-M microvm` command line.
 ///
 /// ```
-/// use husk_shim::vmm::QemuCommand;
-/// let cmd = QemuCommand::new("/boot/vmlinux", 5).initrd("/boot/initramfs.cpio").command();
+/// use husk_shim::vmm::{QemuCommand, VmmCommand};
+/// let guest = VmmCommand::new("/usr/bin/husk-vmm", "/boot/vmlinux", "/run/pod/vsock.sock")
+///     .initrd("/boot/initramfs.cpio");
+/// let cmd = QemuCommand::like(&guest, 5).command();
 /// assert_eq!(cmd.get_program(), "qemu-system-x86_64");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuCommand {
     program: PathBuf,
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
-    mem_mib: u32,
-    vcpus: u8,
+    guest: VmmCommand,
     vsock_cid: u32,
-    console: Console,
     tsc_khz: Option<u64>,
-    cmdline_extra: Option<String>,
-    fs: Option<(PathBuf, String)>,
     status_port: Option<PathBuf>,
 }
 
 impl QemuCommand {
-    /// QEMU booting `kernel` with a `vhost-vsock` device at guest CID `vsock_cid`; 256 MiB,
-    /// one vCPU, console off.
-    pub fn new(kernel: impl Into<PathBuf>, vsock_cid: u32) -> Self {
+    /// QEMU booting exactly the guest `guest` describes (kernel, initramfs, memory, vCPUs,
+    /// console, command-line words, virtio-fs), with a `vhost-vsock` device at guest CID
+    /// `vsock_cid` in place of husk-vmm's hybrid socket.
+    pub fn like(guest: &VmmCommand, vsock_cid: u32) -> Self {
         Self {
             program: QEMU_PROGRAM.into(),
-            kernel: kernel.into(),
-            initrd: None,
-            mem_mib: 256,
-            vcpus: 1,
+            guest: guest.clone(),
             vsock_cid,
-            console: Console::Off,
             tsc_khz: None,
-            cmdline_extra: None,
-            fs: None,
             status_port: None,
         }
-    }
-
-    /// The initramfs (`-initrd`).
-    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
-        self.initrd = Some(path.into());
-        self
-    }
-
-    /// Guest memory (`-m`, and the memfd backend's size).
-    pub fn mem_mib(mut self, mem_mib: u32) -> Self {
-        self.mem_mib = mem_mib;
-        self
-    }
-
-    /// vCPUs (`-smp`).
-    pub fn vcpus(mut self, vcpus: u8) -> Self {
-        self.vcpus = vcpus;
-        self
-    }
-
-    /// Serial console destination (`-serial`).
-    pub fn console(mut self, console: Console) -> Self {
-        self.console = console;
-        self
     }
 
     /// The TSC frequency the guest is told (`tsc_early_khz=`), as husk-vmm tells it the one
     /// KVM reports: without it a nested guest may hang calibrating (DESIGN.md).
     pub fn tsc_khz(mut self, khz: Option<u64>) -> Self {
         self.tsc_khz = khz;
-        self
-    }
-
-    /// Words appended to the guest kernel command line; empty: none.
-    pub fn cmdline_extra(mut self, extra: impl Into<String>) -> Self {
-        let extra = extra.into();
-        self.cmdline_extra = (!extra.trim().is_empty()).then_some(extra);
-        self
-    }
-
-    /// A virtio-fs device served by virtiofsd at `socket`, mounted by `tag`.
-    pub fn fs(mut self, socket: impl Into<PathBuf>, tag: impl Into<String>) -> Self {
-        self.fs = Some((socket.into(), tag.into()));
         self
     }
 
@@ -117,7 +71,7 @@ impl QemuCommand {
         if let Some(khz) = self.tsc_khz {
             line.push_str(&format!(" tsc_early_khz={khz}"));
         }
-        if let Some(extra) = &self.cmdline_extra {
+        if let Some(extra) = &self.guest.cmdline_extra {
             line.push(' ');
             line.push_str(extra);
         }
@@ -126,6 +80,7 @@ impl QemuCommand {
 
     /// The arguments, without the program.
     pub fn args(&self) -> Vec<OsString> {
+        let guest = &self.guest;
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |words: &[&str]| args.extend(words.iter().map(OsString::from));
         push(&["-enable-kvm", "-cpu", "host"]);
@@ -135,25 +90,25 @@ impl QemuCommand {
             "-object",
             &format!(
                 "memory-backend-memfd,id=mem,size={}M,share=on",
-                self.mem_mib
+                guest.mem_mib
             ),
             "-m",
-            &format!("{}M", self.mem_mib),
+            &format!("{}M", guest.mem_mib),
             "-smp",
-            &self.vcpus.to_string(),
+            &guest.vcpus.to_string(),
         ]);
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
         push(&[
             "-device",
             &format!("vhost-vsock-device,guest-cid={}", self.vsock_cid),
         ]);
-        let serial = match &self.console {
+        let serial = match &guest.console {
             Console::Off => "null".to_owned(),
             Console::Stdout => "stdio".to_owned(),
             Console::File(path) => format!("file:{}", path.display()),
         };
         push(&["-serial", &serial]);
-        if let Some((socket, tag)) = &self.fs {
+        if let Some((socket, tag)) = &guest.fs {
             push(&[
                 "-chardev",
                 &format!("socket,id=husk-fs,path={}", socket.display()),
@@ -169,8 +124,8 @@ impl QemuCommand {
                 "isa-debugcon,iobase=0x440,chardev=husk-status",
             ]);
         }
-        args.extend(["-kernel".into(), self.kernel.clone().into()]);
-        if let Some(initrd) = &self.initrd {
+        args.extend(["-kernel".into(), guest.kernel.clone().into()]);
+        if let Some(initrd) = &guest.initrd {
             args.extend(["-initrd".into(), initrd.clone().into()]);
         }
         args.extend(["-append".into(), self.kernel_cmdline().into()]);
@@ -191,14 +146,15 @@ mod tests {
 
     #[test]
     fn the_qemu_guest_is_husk_vmms_guest() {
-        let cmd = QemuCommand::new("/k", 9)
+        let guest = VmmCommand::new("/husk-vmm", "/k", "/s/v.sock")
             .initrd("/i")
             .mem_mib(512)
             .vcpus(2)
             .console(Console::File("/c.log".into()))
-            .tsc_khz(Some(2_000_000))
             .cmdline_extra("husk.log=debug")
-            .fs("/s/fs.sock", "husk")
+            .fs("/s/fs.sock", "husk");
+        let cmd = QemuCommand::like(&guest, 9)
+            .tsc_khz(Some(2_000_000))
             .status_port("/s/status.sock");
         let joined = cmd
             .args()

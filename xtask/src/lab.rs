@@ -22,7 +22,8 @@
 //! every `HUSK_*` pass through; `--env K=V` adds more. The command's stdin is
 //! `/dev/null`, its stdout and stderr both arrive on our stdout (one serial line).
 //! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr; `HUSK_LAB_L1_CMDLINE` adds
-//! words to the L1 kernel's command line (`husk_lab.kvm_amd=vgif=0` sets kvm_amd's parameters). `/tmp` and `/run` in the
+//! words to the L1 kernel's command line (`husk_lab.kvm_amd=vgif=0` sets kvm_amd's parameters);
+//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1. `/tmp` and `/run` in the
 //! lab are fresh tmpfs; everything else outside the shares is read-only.
 
 mod console;
@@ -69,6 +70,9 @@ pub const HUSK_LAB_VERBOSE_ENV: &str = "HUSK_LAB_VERBOSE";
 /// (`transparent_hugepage=never`) and `husk_lab.kvm_amd=vgif=0,avic=0` for kvm_amd's
 /// parameters. Unset: the default lab.
 pub const HUSK_LAB_L1_CMDLINE_ENV: &str = "HUSK_LAB_L1_CMDLINE";
+/// QEMU's `-cpu` for the L1, for lab experiments; `max` (the default) emulates AMD SVM with
+/// nested paging.
+pub const HUSK_LAB_CPU_ENV: &str = "HUSK_LAB_CPU";
 
 /// Arguments of `cargo xtask lab`.
 #[derive(Debug, clap::Args)]
@@ -200,6 +204,10 @@ impl LabRun {
         }
 
         let tsc_khz = host_tsc_khz();
+        let cpu = std::env::var(HUSK_LAB_CPU_ENV)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| "max".into());
         let started = Instant::now();
         let mut retries = 0;
         loop {
@@ -219,6 +227,7 @@ impl LabRun {
                 l1_cmdline_extra: std::env::var(HUSK_LAB_L1_CMDLINE_ENV)
                     .ok()
                     .filter(|v| !v.trim().is_empty()),
+                cpu: &cpu,
             };
             let ended = qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout);
             keep_symbols(job.path(), &symbols);

@@ -62,6 +62,8 @@ pub struct Launch<'a> {
     /// Words added to the L1 kernel's command line (`HUSK_LAB_L1_CMDLINE`), for lab
     /// experiments: kernel options, and `husk_lab.kvm_amd=a=1,b=0` for kvm_amd's parameters.
     pub l1_cmdline_extra: Option<String>,
+    /// QEMU's `-cpu` for the L1 (`max`, or `HUSK_LAB_CPU`).
+    pub cpu: &'a str,
 }
 
 /// Where the command's output goes.
@@ -121,8 +123,6 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
         "-M",
         "microvm,rtc=on",
-        "-cpu",
-        "max",
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -133,6 +133,9 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
     .iter()
     .map(OsString::from)
     .collect();
+    // `max` emulates AMD SVM with nested paging; `HUSK_LAB_CPU` may add or drop features
+    // for an experiment (e.g. `max,avx=off,avx2=off`).
+    args.extend(["-cpu".into(), launch.cpu.into()]);
     // Multi-threaded TCG: one host thread per L1 vCPU. `thread=single` was tried against
     // the wedges (lab/hold_kvm.rs) and was worse: the slower L2 guests hit emulation faults
     // (recursive page faults, a vCPU that stopped exiting) in 2 of the first 3 e2e tests; one

@@ -1,13 +1,14 @@
 //! Component tests: boot our real guest kernel and agent initramfs with husk-vmm under a KVM that
-//! boots Linux, and talk to the agent from the host through the hybrid vsock socket.
+//! boots Linux, and talk to the agent from the host through the hybrid vsock socket (and once
+//! under QEMU, the lab experiments' baseline, over AF_VSOCK).
 //!
 //! Run through `cargo xtask test` (inside the lab on hosts whose /dev/kvm is PVM).
 
 use std::time::Duration;
 
 use husk_integration::lab_retry;
-use husk_integration::vm::{describe_status, status, Vm, VmOptions};
-use husk_shim::agent::AgentClient;
+use husk_integration::vm::{describe_status, status, Backend, Vm, VmOptions, QEMU_RESET_MARKER};
+use husk_shim::agent::{AgentClient, VsockEndpoint};
 
 const AGENT_PORT: u32 = 1024;
 
@@ -19,7 +20,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn connect(vm: &Vm) -> AgentClient {
-    match AgentClient::connect(&vm.vsock_uds, AGENT_PORT, Duration::from_secs(60)).await {
+    match AgentClient::connect(&vm.endpoint, AGENT_PORT, Duration::from_secs(60)).await {
         Ok(c) => c,
         Err(e) => panic!("agent did not answer: {e}\n{}", vm.diagnostics()),
     }
@@ -230,4 +231,50 @@ fn sigusr1_logs_a_state_dump_and_the_guest_keeps_running() {
         client.shutdown().await.expect("Shutdown");
     });
     expect_exit(&mut vm, status::CLEAN, Duration::from_secs(30));
+}
+
+/// The baseline of the lab experiments (issue 8, `HUSK_TEST_VMM=qemu`): the same guest and agent
+/// under QEMU `-M microvm` with the kernel's vhost-vsock. The agent announces itself on the status
+/// port, answers over AF_VSOCK at the guest's CID, and its clean shutdown ends QEMU with 0.
+#[test]
+fn the_same_guest_under_qemu_answers_over_af_vsock() {
+    let opts = VmOptions {
+        backend: Backend::Qemu,
+        ..Default::default()
+    };
+    let mut vm = Vm::boot(&opts);
+    assert!(
+        matches!(vm.endpoint, VsockEndpoint::Kernel { cid } if cid > 2),
+        "{:?}",
+        vm.endpoint
+    );
+    runtime().block_on(async {
+        let client = connect(&vm).await;
+        let details = client.guest_details().await.expect("GetGuestDetails");
+        assert!(
+            details.kernel_release.starts_with("6.1."),
+            "guest kernel release {:?} is not our 6.1 guest",
+            details.kernel_release
+        );
+        assert_eq!(details.online_cpus, 1);
+        client.shutdown().await.expect("Shutdown");
+    });
+    expect_exit(&mut vm, 0, Duration::from_secs(30));
+    // The status watcher saw the agent's clean-shutdown byte (it may log it a moment after QEMU
+    // ended), and so reports no unexplained reset.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = vm.vmm_log();
+        if log.contains("qemu: the agent announced a clean shutdown") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no clean shutdown on the status port:\n{}",
+            vm.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!log.contains(QEMU_RESET_MARKER), "{log}");
+    assert!(!vm.vsock_uds.exists(), "QEMU has no hybrid socket");
 }

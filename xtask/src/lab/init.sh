@@ -29,7 +29,7 @@ die() {
 
 for ko in $(cat /lib/modules/load-order); do
     params=
-    case "$ko" in */kvm-amd.ko) params="$KVM_AMD_PARAMS" ;; esac
+    case "$ko" in kvm_amd.ko) params="$KVM_AMD_PARAMS" ;; esac
     # One word per parameter: $params unquoted on purpose.
     insmod "/lib/modules/$ko" $params || die "insmod $ko $params failed"
 done

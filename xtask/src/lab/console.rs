@@ -12,7 +12,7 @@ pub const MARKER_PREFIX: &str = "HUSK-LAB-";
 /// One marker printed by the lab init.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Marker {
-    /// `/dev/kvm` exists and kvm_amd reported nested paging.
+    /// `/dev/kvm` exists (with nested paging where the run asked for it).
     KvmReady,
     /// The command is about to start; from here on the console is its output.
     Start,

@@ -1,8 +1,8 @@
 //! Launches the lab's QEMU and follows its console until the command's exit marker.
 //!
-//! QEMU runs TCG with `-cpu max`, which emulates AMD SVM with nested paging, so the L1
-//! kernel's kvm_amd gives a `/dev/kvm` that boots Linux guests (the host's own /dev/kvm
-//! is PVM and does not; DESIGN.md "Host facts"). The host root is shared read-only over
+//! QEMU runs TCG with `-cpu max`, which emulates AMD SVM, so the L1 kernel's kvm_amd gives a
+//! `/dev/kvm` that boots Linux guests, on shadow paging ([`DEFAULT_KVM_AMD_PARAMS`]); the host's
+//! own /dev/kvm is PVM and does not (DESIGN.md "Host facts"). The host root is shared read-only over
 //! virtio-9p, the job directory and the read-write shares (cargo target dir, husk cache)
 //! at their own paths. A watchdog kills QEMU when the boot or the whole run overruns.
 
@@ -33,6 +33,11 @@ const SILENCE_REPORT: Duration = Duration::from_secs(120);
 /// How long an L1 found asleep with interrupts pending is watched again before it counts as
 /// wedged.
 const WEDGE_RECHECK: Duration = Duration::from_secs(5);
+/// kvm_amd's parameters in the L1 unless an experiment sets others: `npt=0`, shadow paging
+/// for the L2 instead of the emulated nested paging. Measured on the bulk test (BENCHMARKS.md,
+/// "Lab configurations"): with nested paging the L2 triple-faulted in the 100 MiB stream in
+/// about one run in three; with shadow paging it did not, at no cost in speed.
+pub const DEFAULT_KVM_AMD_PARAMS: &str = "npt=0";
 /// The monitor socket's name in the job directory.
 const MONITOR_SOCKET: &str = "hmp.sock";
 /// In the job directory: asks the lab init for the L1's kernel symbols...
@@ -166,8 +171,11 @@ pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
         Some(khz) => format!(" tsc_early_khz={khz} tsc=reliable"),
         None => String::new(),
     };
+    // husk_lab.kvm_amd: the L1 KVM's module parameters, read by the lab init (the last one
+    // wins, so HUSK_LAB_L1_CMDLINE can override the default).
     let mut cmdline = format!(
-        "console=ttyS0{quiet}{tsc} mitigations=off nokaslr reboot=t panic=-1 husk_lab.nonce={}",
+        "console=ttyS0{quiet}{tsc} mitigations=off nokaslr reboot=t panic=-1 husk_lab.nonce={} \
+         husk_lab.kvm_amd={DEFAULT_KVM_AMD_PARAMS}",
         launch.nonce
     );
     if let Some(extra) = &launch.l1_cmdline_extra {

@@ -221,7 +221,12 @@ impl Vm {
         let vsock_uds = dir.path().join("vsock.sock");
         let console = Console::File(dir.path().join("console.log"));
         let log_path = dir.path().join("vmm.log");
-        let log = fs::File::create(&log_path).expect("vmm log");
+        fs::File::create(&log_path).expect("vmm log");
+        // Appending: under QEMU the status-port watcher writes into the same file.
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .expect("vmm log");
         let mut guest = VmmCommand::new(required_path("HUSK_VMM"), kernel, &vsock_uds)
             .initrd(initrd)
             .mem_mib(opts.mem_mib)

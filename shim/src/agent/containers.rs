@@ -316,6 +316,9 @@ pub enum StdioStreamError {
     /// The hybrid vsock handshake failed
     #[error("The hybrid vsock handshake failed")]
     Handshake(#[source] super::HandshakeError),
+    /// Cannot reach the agent's stdio port at the endpoint
+    #[error("Cannot reach the agent's stdio port")]
+    Endpoint(#[source] Box<AgentError>),
     /// The stream header could not be sent or answered
     #[error("The stream header could not be sent or answered")]
     Io(#[source] std::io::Error),
@@ -354,7 +357,7 @@ pub async fn open_stdio_stream_at(
     let stream = endpoint
         .connect(STDIO_VSOCK_PORT, STDIO_CONNECT_LIMIT)
         .await
-        .map_err(|e| StdioStreamError::Connect(std::io::Error::other(format!("{e:#}"))))?;
+        .map_err(|e| StdioStreamError::Endpoint(Box::new(e)))?;
     bind_stdio_stream(stream, header).await
 }
 

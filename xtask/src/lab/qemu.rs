@@ -36,7 +36,9 @@ const WEDGE_RECHECK: Duration = Duration::from_secs(5);
 /// kvm_amd's parameters in the L1 unless an experiment sets others: `npt=0`, shadow paging
 /// for the L2 instead of the emulated nested paging. Measured on the bulk test (BENCHMARKS.md,
 /// "Lab configurations"): with nested paging the L2 triple-faulted in the 100 MiB stream in
-/// about one run in three; with shadow paging it did not, at no cost in speed.
+/// about one run in three; with shadow paging it did not (14 runs). The price: tests that
+/// start many processes run slower (the e2e binary ~1.7x), as every guest page-table change
+/// now exits to the L1.
 pub const DEFAULT_KVM_AMD_PARAMS: &str = "npt=0";
 /// The monitor socket's name in the job directory.
 const MONITOR_SOCKET: &str = "hmp.sock";

@@ -54,6 +54,15 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// The state directory cannot be created or resolved
+    #[error("Cannot use the state directory {path}")]
+    StateDir {
+        /// The configured path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The runtime options containerd sent cannot be decoded
     #[error("The runtime options ({type_url}) cannot be decoded")]
     Options {
@@ -242,6 +251,23 @@ impl Config {
     pub fn boot_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.boot_timeout_secs)
     }
+}
+
+/// Creates the state directory if needed (mode 0711) and returns its canonical path, so
+/// that the mount points found in `/proc/self/mountinfo` (always canonical) match the pod
+/// directories made under it even when it is reached through a symlink (`/var/run`).
+pub fn resolve_state_dir(dir: &Path) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fail = |source| ConfigError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .map_err(fail)?;
+    dir.canonicalize().map_err(fail)
 }
 
 /// Picks the configuration file: `ConfigPath` from the runtime options if set, else

@@ -33,7 +33,8 @@ use containerd_shim_protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 use husk_shim::events::{self, Events};
 use husk_shim::service::{load_config, Service};
 use husk_shim::task::HuskTask;
-use husk_shim::{mount, spec};
+use husk_agent_api::stdio::valid_id;
+use husk_shim::spec;
 use tracing::{error, info, warn};
 
 /// The runtime name users select.
@@ -105,12 +106,17 @@ fn write_info() -> Result<()> {
     Ok(())
 }
 
-/// The pod (shim grouping) of the container whose bundle is the current directory.
-fn grouping(flags: &Flags) -> String {
-    std::fs::read("config.json")
-        .ok()
-        .and_then(|b| spec::grouping_sandbox_id(&b))
-        .unwrap_or_else(|| flags.id.clone())
+/// The pod (shim grouping) of the container whose bundle is the current directory; an
+/// error if the container id or the sandbox id it names is not a valid id.
+fn grouping(flags: &Flags) -> Result<String> {
+    if !valid_id(&flags.id) {
+        bail!("invalid container id {:?}", flags.id);
+    }
+    let named = match std::fs::read("config.json") {
+        Ok(bytes) => spec::grouping_sandbox_id(&bytes)?,
+        Err(_) => None,
+    };
+    Ok(named.unwrap_or_else(|| flags.id.clone()))
 }
 
 fn socket_path(address: &str) -> &Path {
@@ -118,7 +124,7 @@ fn socket_path(address: &str) -> &Path {
 }
 
 async fn start(flags: &Flags) -> Result<()> {
-    let grouping = grouping(flags);
+    let grouping = grouping(flags)?;
     let opts = StartOpts {
         id: flags.id.clone(),
         publish_binary: flags.publish_binary.clone(),
@@ -251,21 +257,18 @@ fn signal_started() -> Result<()> {
 /// Cleans up after a dead shim: the container's directory in the share, or the whole pod
 /// directory for the pod's sandbox container (the VM died with the shim: PR_SET_PDEATHSIG).
 async fn delete(flags: &Flags) -> Result<()> {
-    let pod = grouping(flags);
+    let pod = grouping(flags)?;
     let state_dir = load_config(None)
         .map(|c| c.state_dir)
         .unwrap_or_else(|_| PathBuf::from("/run/husk"));
+    let pod_dir = state_dir.join(&pod);
+    // Both ids are valid ids (single path components), so these stay in the state directory.
     let dir = if pod == flags.id {
-        state_dir.join(&pod)
+        pod_dir
     } else {
-        state_dir.join(&pod).join("shared").join(&flags.id)
+        pod_dir.join("mounts").join(&flags.id)
     };
-    if dir.starts_with(&state_dir) && dir != state_dir && dir.exists() {
-        if let Err(e) = mount::unmount_all_under(&dir) {
-            warn!(dir = %dir.display(), error = %e, "unmount failed");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    husk_shim::sandbox::remove_dir(&dir);
     let response = DeleteResponse {
         pid: 0,
         exit_status: DEAD_SHIM_EXIT_STATUS,

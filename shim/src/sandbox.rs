@@ -1,7 +1,8 @@
 //! One pod's VM: virtiofsd + husk-vmm, the agent connection, and their teardown.
 //!
-//! [`Sandbox::start`] prepares `<state_dir>/<sandbox-id>/` (the share `shared/`, the sockets,
-//! the logs), starts virtiofsd on the share, boots husk-vmm with a virtio-fs device, waits for
+//! [`Sandbox::start`] prepares `<state_dir>/<sandbox-id>/` (the share: `mounts/` where the
+//! shim mounts and its read-only view `shared/`, see [`crate::mount`]; the sockets, the logs),
+//! starts virtiofsd on `shared/`, boots husk-vmm with a virtio-fs device, waits for
 //! the agent and creates the guest sandbox with the share mounted at `/run/husk/shared`.
 //! A monitor task owns both child processes: when either exits, it kills and reaps the other
 //! and publishes why ([`Sandbox::exited`]), so the death of any part ends the pod. The
@@ -103,7 +104,7 @@ pub enum SandboxError {
 pub struct Sandbox {
     id: String,
     dir: PathBuf,
-    shared: PathBuf,
+    mounts: PathBuf,
     vsock_uds: PathBuf,
     agent: AgentClient,
     exited: watch::Receiver<Option<String>>,
@@ -113,6 +114,7 @@ pub struct Sandbox {
 /// Files of a pod directory.
 struct Layout {
     dir: PathBuf,
+    mounts: PathBuf,
     shared: PathBuf,
     vsock_uds: PathBuf,
     fs_socket: PathBuf,
@@ -122,6 +124,7 @@ impl Layout {
     fn new(state_dir: &Path, id: &str) -> Self {
         let dir = state_dir.join(id);
         Self {
+            mounts: dir.join("mounts"),
             shared: dir.join("shared"),
             vsock_uds: dir.join("vsock.sock"),
             fs_socket: dir.join("virtiofsd.sock"),
@@ -260,7 +263,7 @@ impl Sandbox {
             path: layout.dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&layout.shared).map_err(dir_error)?;
+        std::fs::create_dir_all(&layout.dir).map_err(dir_error)?;
         match Self::start_in(id, config, hostname, &layout).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
@@ -276,7 +279,7 @@ impl Sandbox {
         hostname: &str,
         layout: &Layout,
     ) -> Result<Self, SandboxError> {
-        mount::make_shared_bind(&layout.shared).map_err(SandboxError::Mount)?;
+        mount::make_share(&layout.mounts, &layout.shared).map_err(SandboxError::Mount)?;
         let fs_cmd =
             VirtiofsdCommand::new(&config.virtiofsd_path, &layout.fs_socket, &layout.shared)
                 .cache(config.virtiofs_cache);
@@ -350,7 +353,7 @@ impl Sandbox {
         Ok(Sandbox {
             id: id.to_owned(),
             dir: layout.dir.clone(),
-            shared: layout.shared.clone(),
+            mounts: layout.mounts.clone(),
             vsock_uds: layout.vsock_uds.clone(),
             agent,
             exited,
@@ -419,9 +422,10 @@ impl Sandbox {
         &self.id
     }
 
-    /// The host directory shared into the guest at `/run/husk/shared`.
-    pub fn shared_dir(&self) -> &Path {
-        &self.shared
+    /// Where the shim creates and mounts what the guest sees at `/run/husk/shared`: only the
+    /// host writes the directories of this tree (see [`crate::mount`]).
+    pub fn mounts_dir(&self) -> &Path {
+        &self.mounts
     }
 
     /// The VMM's hybrid vsock socket (for stdio streams).
@@ -475,22 +479,18 @@ impl Sandbox {
         self.kill.notify_one();
         let reason = self.exited().await;
         info!(sandbox = %self.id, %reason, "pod VM stopped");
-        if let Err(e) = mount::unmount_all_under(&self.dir) {
-            warn!(sandbox = %self.id, error = %e, "unmount failed");
-        }
         remove_dir(&self.dir);
     }
 }
 
-/// Removes a pod directory that holds no mounts any more.
-fn remove_dir(dir: &Path) {
+/// Unmounts everything in a directory of the pod and removes it, unless something is still
+/// mounted there (then it is left, with an error in the log).
+pub fn remove_dir(dir: &Path) {
     if let Err(e) = mount::unmount_all_under(dir) {
         warn!(dir = %dir.display(), error = %e, "unmount failed");
     }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), error = %e, "cannot remove the pod directory");
-        }
+    if let Err(e) = mount::remove_tree(dir) {
+        tracing::error!(dir = %dir.display(), error = %e, "left in place");
     }
 }
 

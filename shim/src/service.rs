@@ -82,11 +82,14 @@ pub fn load_config(options: Option<&Any>) -> Result<Config, TaskError> {
         .map(PathBuf::from);
     let explicit = from_options.is_some() || env.is_some();
     let path = config::choose_config_path(from_options, env);
-    if !explicit && !path.exists() {
+    let mut config = if !explicit && !path.exists() {
         info!(path = %path.display(), "no husk configuration; using the defaults");
-        return Ok(Config::default());
-    }
-    Ok(Config::load(&path)?)
+        Config::default()
+    } else {
+        Config::load(&path)?
+    };
+    config.state_dir = config::resolve_state_dir(&config.state_dir)?;
+    Ok(config)
 }
 
 impl Service {
@@ -153,7 +156,7 @@ impl Service {
         let bytes = std::fs::read(&config_json)
             .map_err(host_error(format!("Cannot read {}", config_json.display())))?;
         let spec = spec::parse(&bytes)?;
-        let membership = spec::pod_membership(id, &spec);
+        let membership = spec::pod_membership(id, &spec)?;
         let (sandbox, config, booted) = self.pod_for(id, &membership, req, &spec).await?;
         match self
             .create_in(&sandbox, &config, req, spec, membership.is_sandbox)
@@ -217,13 +220,13 @@ impl Service {
         is_sandbox: bool,
     ) -> Result<u32, TaskError> {
         let id = req.id.as_str();
-        let share_dir = sandbox.shared_dir().join(id);
+        let share_dir = sandbox.mounts_dir().join(id);
         if share_dir.exists() {
             return Err(TaskError::AlreadyExists(format!(
                 "share directory of container {id}"
             )));
         }
-        let rootfs = sandbox.shared_dir().join(spec::share_rootfs(id));
+        let rootfs = sandbox.mounts_dir().join(spec::share_rootfs(id));
         std::fs::create_dir_all(&rootfs)
             .map_err(host_error(format!("Cannot create {}", rootfs.display())))?;
         let paths = StdioPaths {
@@ -239,15 +242,19 @@ impl Service {
                     .pointer("/root/path")
                     .and_then(serde_json::Value::as_str)
                     .unwrap_or("rootfs");
-                mount::bind(&Path::new(&req.bundle).join(root), &rootfs, true)?;
+                let whole = mount::BindOptions {
+                    recursive: true,
+                    readonly: false,
+                };
+                mount::bind(&Path::new(&req.bundle).join(root), &rootfs, whole)?;
             } else {
                 mount::mount_rootfs(&req.rootfs, &rootfs)?;
             }
             for bind in spec::rewrite(&mut spec, id, config)? {
                 mount::bind(
                     &bind.source,
-                    &sandbox.shared_dir().join(&bind.share_path),
-                    true,
+                    &sandbox.mounts_dir().join(&bind.share_path),
+                    bind.options,
                 )?;
             }
             let json = serde_json::to_vec(&spec).map_err(spec::SpecError::Json)?;
@@ -514,12 +521,5 @@ impl Service {
 
 /// Unmounts and removes a container's directory in the share.
 fn remove_share_dir(dir: &Path) {
-    if let Err(e) = mount::unmount_all_under(dir) {
-        warn!(dir = %dir.display(), error = %e, "unmount failed");
-    }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), error = %e, "cannot remove");
-        }
-    }
+    crate::sandbox::remove_dir(dir);
 }

@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use husk_agent_api::stdio::valid_id;
+
 use crate::config::Config;
+use crate::mount::BindOptions;
 
 /// Where the agent mounts the share in the guest (docs/contracts.md).
 pub const GUEST_SHARE_DIR: &str = "/run/husk/shared";
@@ -36,6 +39,9 @@ pub enum SpecError {
     /// A spec field has the wrong type
     #[error("The OCI spec field {0} has the wrong type")]
     Field(&'static str),
+    /// The CRI sandbox id is not a valid id
+    #[error("The sandbox id {0:?} (annotation io.kubernetes.cri.sandbox-id) is not a valid id: 1 to 128 of [A-Za-z0-9_.-], starting with a letter or digit")]
+    SandboxId(String),
     /// A mount source is not usable
     #[error("Mount source {0} must be an absolute path without `..`")]
     MountSource(String),
@@ -51,37 +57,47 @@ pub struct PodMembership {
     pub is_sandbox: bool,
 }
 
+/// The CRI sandbox id a spec names, if any; refused unless it is a valid id (it becomes the
+/// name of the pod directory and is shared into the guest).
+fn sandbox_annotation(spec: &Value) -> Result<Option<&str>, SpecError> {
+    let named = spec
+        .pointer("/annotations")
+        .and_then(|a| a.get(CRI_SANDBOX_ID))
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty());
+    match named {
+        Some(id) if !valid_id(id) => Err(SpecError::SandboxId(id.to_owned())),
+        other => Ok(other),
+    }
+}
+
 /// Which pod container `id` with `spec` belongs to: the one its CRI annotations name, or its
 /// own when it has none.
-pub fn pod_membership(id: &str, spec: &Value) -> PodMembership {
-    let annotation = |key: &str| {
-        spec.pointer("/annotations")
-            .and_then(|a| a.get(key))
-            .and_then(Value::as_str)
-            .filter(|v| !v.is_empty())
-    };
-    match annotation(CRI_SANDBOX_ID) {
+pub fn pod_membership(id: &str, spec: &Value) -> Result<PodMembership, SpecError> {
+    let container_type = spec
+        .pointer("/annotations")
+        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
+        .and_then(Value::as_str);
+    Ok(match sandbox_annotation(spec)? {
         Some(sandbox_id) => PodMembership {
             sandbox_id: sandbox_id.to_owned(),
-            is_sandbox: sandbox_id == id
-                || annotation(CRI_CONTAINER_TYPE) == Some(CRI_TYPE_SANDBOX),
+            is_sandbox: sandbox_id == id || container_type == Some(CRI_TYPE_SANDBOX),
         },
         None => PodMembership {
             sandbox_id: id.to_owned(),
             is_sandbox: true,
         },
-    }
+    })
 }
 
 /// The sandbox id from a bundle's `config.json` (for `start`, which groups the containers of
-/// a pod into one shim); `None` when the container is its own pod.
-pub fn grouping_sandbox_id(config_json: &[u8]) -> Option<String> {
-    let spec: Value = serde_json::from_slice(config_json).ok()?;
-    spec.pointer("/annotations")?
-        .get(CRI_SANDBOX_ID)?
-        .as_str()
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
+/// a pod into one shim): `Ok(None)` when the container is its own pod or the spec cannot be
+/// read (`create` reports that), an error when the id is not a valid one.
+pub fn grouping_sandbox_id(config_json: &[u8]) -> Result<Option<String>, SpecError> {
+    let Ok(spec) = serde_json::from_slice::<Value>(config_json) else {
+        return Ok(None);
+    };
+    Ok(sandbox_annotation(&spec)?.map(str::to_owned))
 }
 
 /// A host path the shim must bind mount into the share for a container.
@@ -91,6 +107,8 @@ pub struct HostBind {
     pub source: PathBuf,
     /// Target relative to the share (`<container-id>/mounts/<n>`).
     pub share_path: PathBuf,
+    /// `rbind` or `bind`, `ro` or `rw`: the host enforces both, not just the guest.
+    pub options: BindOptions,
 }
 
 /// The guest path of container `id`'s rootfs.
@@ -101,6 +119,22 @@ pub fn guest_rootfs(id: &str) -> String {
 /// The rootfs directory of container `id`, relative to the share.
 pub fn share_rootfs(id: &str) -> PathBuf {
     Path::new(id).join("rootfs")
+}
+
+/// The host-side options of a bind mount: `rbind` recursive (else only the source's own
+/// mount), `ro` read-only (the last of `ro`/`rw` wins, as in runc).
+fn bind_options(mount: &Value) -> BindOptions {
+    let mut options = BindOptions::default();
+    let listed = mount.get("options").and_then(Value::as_array);
+    for option in listed.into_iter().flatten().filter_map(Value::as_str) {
+        match option {
+            "rbind" => options.recursive = true,
+            "ro" => options.readonly = true,
+            "rw" => options.readonly = false,
+            _ => {}
+        }
+    }
+    options
 }
 
 fn is_bind(mount: &Value) -> bool {
@@ -150,6 +184,7 @@ pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBi
             binds.push(HostBind {
                 source: path.to_owned(),
                 share_path,
+                options: bind_options(mount),
             });
             mount["source"] = Value::String(guest.to_string_lossy().into_owned());
         }
@@ -217,6 +252,7 @@ mod tests {
             {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts",
              "options": ["rbind", "ro"]},
             {"destination": "/data", "source": "/srv/data", "options": ["bind"]},
+            {"destination": "/x", "source": "/srv/x", "options": ["rbind", "ro", "rw"]},
         ], "unknown": {"kept": 1}});
         let binds = rewrite(&mut spec, "c1", &config(&[])).unwrap();
         assert_eq!(
@@ -224,11 +260,24 @@ mod tests {
             [
                 HostBind {
                     source: "/var/lib/x/hosts".into(),
-                    share_path: "c1/mounts/0".into()
+                    share_path: "c1/mounts/0".into(),
+                    options: BindOptions {
+                        recursive: true,
+                        readonly: true
+                    },
                 },
                 HostBind {
                     source: "/srv/data".into(),
-                    share_path: "c1/mounts/1".into()
+                    share_path: "c1/mounts/1".into(),
+                    options: BindOptions::default(),
+                },
+                HostBind {
+                    source: "/srv/x".into(),
+                    share_path: "c1/mounts/2".into(),
+                    options: BindOptions {
+                        recursive: true,
+                        readonly: false
+                    },
                 },
             ]
         );
@@ -290,26 +339,38 @@ mod tests {
     fn pods_come_from_cri_annotations() {
         let plain = json!({});
         assert_eq!(
-            pod_membership("c1", &plain),
+            pod_membership("c1", &plain).unwrap(),
             PodMembership {
                 sandbox_id: "c1".into(),
                 is_sandbox: true
             }
         );
         let sandbox = json!({"annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "sandbox"}});
-        assert!(pod_membership("p1", &sandbox).is_sandbox);
+        assert!(pod_membership("p1", &sandbox).unwrap().is_sandbox);
         let member =
             json!({"annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "container"}});
         assert_eq!(
-            pod_membership("c2", &member),
+            pod_membership("c2", &member).unwrap(),
             PodMembership {
                 sandbox_id: "p1".into(),
                 is_sandbox: false
             }
         );
         let bytes = serde_json::to_vec(&member).unwrap();
-        assert_eq!(grouping_sandbox_id(&bytes).as_deref(), Some("p1"));
-        assert_eq!(grouping_sandbox_id(b"{}"), None);
-        assert_eq!(grouping_sandbox_id(b"garbage"), None);
+        assert_eq!(grouping_sandbox_id(&bytes).unwrap().as_deref(), Some("p1"));
+        assert_eq!(grouping_sandbox_id(b"{}").unwrap(), None);
+        assert_eq!(grouping_sandbox_id(b"garbage").unwrap(), None);
+    }
+
+    /// S4: the sandbox id names the pod directory; `..` or a `/` must never get that far.
+    #[test]
+    fn a_sandbox_id_that_is_a_path_is_refused() {
+        for bad in ["../../var/lib/x", "..", "a/b", "-rf", ".hidden", &"p".repeat(129)] {
+            let spec = json!({"annotations": {CRI_SANDBOX_ID: bad}});
+            let err = pod_membership("c1", &spec).unwrap_err();
+            assert!(matches!(&err, SpecError::SandboxId(id) if id == bad), "{bad}: {err:?}");
+            let bytes = serde_json::to_vec(&spec).unwrap();
+            assert!(grouping_sandbox_id(&bytes).is_err(), "{bad}");
+        }
     }
 }

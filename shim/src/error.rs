@@ -72,11 +72,12 @@ impl TaskError {
             Self::Config(_) => Code::FAILED_PRECONDITION,
             Self::Io(IoError::Unsupported(_)) => Code::INVALID_ARGUMENT,
             Self::Io(IoError::Open { .. }) => Code::INVALID_ARGUMENT,
-            Self::Agent(AgentError::Status { code, .. }) => *code,
+            Self::Agent(AgentError::Status { code, .. }) => guest_code(*code),
             Self::Agent(AgentError::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
             Self::Agent(_) => Code::UNAVAILABLE,
             Self::Sandbox(SandboxError::Exists(_)) => Code::ALREADY_EXISTS,
-            Self::Sandbox(SandboxError::Agent(AgentError::Status { code, .. })) => *code,
+            Self::Sandbox(SandboxError::Invalid(_)) => Code::INVALID_ARGUMENT,
+            Self::Sandbox(SandboxError::Agent(AgentError::Status { code, .. })) => guest_code(*code),
             Self::Io(IoError::Stream { .. }) | Self::Sandbox(_) => Code::UNAVAILABLE,
             Self::Mount(_) | Self::Host { .. } => Code::INTERNAL,
         }
@@ -92,6 +93,26 @@ impl TaskError {
             source = s.source();
         }
         msg
+    }
+}
+
+/// The code containerd sees for a code the guest agent answered. The guest is not trusted to
+/// speak for host state: codes that containerd and kubelet act on as facts (`NOT_FOUND` is
+/// "the task is gone", `ALREADY_EXISTS` "a duplicate create succeeded", `UNAVAILABLE` "the
+/// shim is gone") come only from the shim's own bookkeeping, which it checks before asking
+/// the guest. The guest's other refusals of a request keep their code; the rest become
+/// `INTERNAL` (the message still names the guest's code).
+fn guest_code(code: ttrpc::Code) -> ttrpc::Code {
+    use ttrpc::Code;
+    match code {
+        Code::INVALID_ARGUMENT
+        | Code::FAILED_PRECONDITION
+        | Code::UNIMPLEMENTED
+        | Code::RESOURCE_EXHAUSTED
+        | Code::OUT_OF_RANGE
+        | Code::PERMISSION_DENIED
+        | Code::DEADLINE_EXCEEDED => code,
+        _ => Code::INTERNAL,
     }
 }
 
@@ -143,20 +164,28 @@ mod tests {
         assert_eq!(status(sandbox).0, Code::ALREADY_EXISTS);
     }
 
+    /// S7: the guest cannot make containerd believe a task is gone or a create succeeded.
     #[test]
-    fn agent_codes_pass_through() {
+    fn the_guest_does_not_pick_the_codes_containerd_acts_on() {
         use ttrpc::Code;
-        for code in [
-            Code::NOT_FOUND,
-            Code::FAILED_PRECONDITION,
-            Code::INVALID_ARGUMENT,
+        for (guest, seen) in [
+            (Code::NOT_FOUND, Code::INTERNAL),
+            (Code::ALREADY_EXISTS, Code::INTERNAL),
+            (Code::UNAVAILABLE, Code::INTERNAL),
+            (Code::OK, Code::INTERNAL),
+            (Code::FAILED_PRECONDITION, Code::FAILED_PRECONDITION),
+            (Code::INVALID_ARGUMENT, Code::INVALID_ARGUMENT),
         ] {
-            let e = TaskError::Agent(AgentError::Status {
+            let status_of = |code| AgentError::Status {
                 method: "Agent.SignalProcess",
                 code,
                 message: "\"no\"".into(),
-            });
-            assert_eq!(status(e).0, code);
+            };
+            let (code, message) = status(TaskError::Agent(status_of(guest)));
+            assert_eq!(code, seen, "{guest:?}");
+            assert!(message.contains(&format!("{guest:?}")), "{message}");
+            let at_boot = TaskError::Sandbox(SandboxError::Agent(status_of(guest)));
+            assert_eq!(status(at_boot).0, seen, "{guest:?} at boot");
         }
         let timeout = TaskError::Agent(AgentError::Timeout {
             method: "Agent.StartContainer",

@@ -58,6 +58,9 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// The pod cannot be started as asked (checked before anything is created)
+    #[error("{0}")]
+    Invalid(String),
     /// A pod with this id already has a directory
     #[error("The pod directory {0} already exists (is the pod running in another shim?)")]
     Exists(PathBuf),
@@ -130,6 +133,39 @@ impl Layout {
             fs_socket: dir.join("virtiofsd.sock"),
             dir,
         }
+    }
+}
+
+/// Longest path of a Unix socket (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// The longest per-port socket husk-vmm makes beside the vsock socket: `_` and a u32 port.
+const PORT_SUFFIX_LEN: usize = 1 + 10;
+
+impl Layout {
+    /// Refuses, before anything is created, a pod whose hostname the guest kernel would
+    /// refuse or whose sockets cannot be bound at their paths.
+    fn check(&self, hostname: &str) -> Result<(), SandboxError> {
+        if hostname.len() > MAX_HOSTNAME_LEN {
+            return Err(SandboxError::Invalid(format!(
+                "the hostname {hostname:?} is {} bytes long; the limit is {MAX_HOSTNAME_LEN}",
+                hostname.len()
+            )));
+        }
+        let longest = [
+            self.vsock_uds.as_os_str().len() + PORT_SUFFIX_LEN,
+            self.fs_socket.as_os_str().len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        if longest > MAX_SOCKET_PATH {
+            return Err(SandboxError::Invalid(format!(
+                "the pod directory {} is too long for its sockets ({longest} of at most \
+                 {MAX_SOCKET_PATH} bytes): use a shorter state_dir or pod id",
+                self.dir.display()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -256,6 +292,7 @@ impl Sandbox {
     /// Starts the VM of pod `id` with `config`; `hostname` is the guest's.
     pub async fn start(id: &str, config: &Config, hostname: &str) -> Result<Self, SandboxError> {
         let layout = Layout::new(&config.state_dir, id);
+        layout.check(hostname)?;
         if layout.dir.exists() {
             return Err(SandboxError::Exists(layout.dir));
         }
@@ -392,10 +429,8 @@ impl Sandbox {
                 return Err(SandboxError::Died(why));
             }
         };
-        let mut hostname = hostname.to_owned();
-        hostname.truncate(MAX_HOSTNAME_LEN);
         let req = CreateSandboxRequest {
-            hostname,
+            hostname: hostname.to_owned(),
             hosts: b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec(),
             resolv_conf: read_bounded(Path::new("/etc/resolv.conf"), MAX_RESOLV_CONF_BYTES),
             share: Some(ShareSource {
@@ -568,6 +603,31 @@ mod tests {
             mount::mounts_under(state.path()).is_empty(),
             "a mount is left"
         );
+    }
+
+    /// S8: limits give clear errors before anything is spawned, and a hostname is never cut
+    /// inside a character.
+    #[tokio::test]
+    async fn a_long_hostname_or_pod_path_is_refused_before_anything_starts() {
+        let state = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: state.path().to_owned(),
+            virtiofsd_path: state.path().join("no-such-virtiofsd"),
+            ..Config::default()
+        };
+        let hostname = "é".repeat(40);
+        let err = Sandbox::start("pod1", &config, &hostname).await.unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::Invalid(m) if m.contains("80 bytes long")),
+            "{err:?}"
+        );
+        let id = "p".repeat(100);
+        let err = Sandbox::start(&id, &config, "h").await.unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::Invalid(m) if m.contains("too long for its sockets")),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]

@@ -197,11 +197,14 @@ impl Service {
             ))),
             None => {
                 let config = load_config(req.options.as_ref())?;
+                // The spec's hostname as given (too long is an error, as with runc), else
+                // the pod id's first 64 bytes (an id is ASCII: no character is cut).
+                let id = membership.sandbox_id.as_str();
                 let hostname = spec
                     .get("hostname")
                     .and_then(serde_json::Value::as_str)
                     .filter(|h| !h.is_empty())
-                    .unwrap_or(&membership.sandbox_id);
+                    .unwrap_or(&id[..id.len().min(64)]);
                 let sandbox =
                     Arc::new(Sandbox::start(&membership.sandbox_id, &config, hostname).await?);
                 *lock(&self.inner.pod) = Some((sandbox.clone(), config.clone()));

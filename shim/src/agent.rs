@@ -22,7 +22,10 @@ use husk_agent_api::agent::{
 use husk_agent_api::agent_ttrpc;
 use tracing::debug;
 
-pub use containers::{open_stdio_stream, open_stdio_stream_at, StdioStreamError, STDIO_VSOCK_PORT};
+pub use containers::{
+    open_stdio_stream, open_stdio_stream_at, open_stdio_stream_within, StdioStreamError,
+    STDIO_OPEN_LIMIT, STDIO_VSOCK_PORT,
+};
 pub use endpoint::{GuestStream, VsockEndpoint};
 pub use handshake::HandshakeError;
 pub use husk_agent_api::agent::{CreateSandboxRequest, ShareSource, StdioConfig};

@@ -6,16 +6,20 @@
 //! closing and reopening its end does not end the relay. Because of that the stdin fifo
 //! never reports EOF by itself; the process's stdin ends with containerd's `CloseIO`, which
 //! drains what is buffered and half-closes the stream. [`Relay::drained`] returns once every
-//! output stream reached EOF, so an exit is reported only after its output is delivered.
+//! output stream reached EOF, so an exit is reported only after its output is delivered; a
+//! guest that keeps a stream open after the exit without sending anything is given up on
+//! after an idle limit, so it cannot hold the exit back forever.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::agent::{open_stdio_stream, StdioConfig, StdioStreamError, StreamHeader, StreamKind};
 
@@ -127,6 +131,8 @@ pub struct Relay {
     close_stdin: Option<Arc<Notify>>,
     outputs: Vec<JoinHandle<()>>,
     input: Option<JoinHandle<()>>,
+    /// Bytes the output copies have delivered (what [`Relay::drained`] watches move).
+    progress: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -150,12 +156,28 @@ impl Relay {
                     .map_err(|source| IoError::Stream { kind, source })
             }
         };
-        let cfg = paths.config();
         let mut relay = Relay {
             close_stdin: None,
             outputs: Vec::new(),
             input: None,
+            progress: Arc::default(),
         };
+        match relay.start(paths, open).await {
+            Ok(()) => Ok(relay),
+            Err(e) => {
+                // No copy of a half-opened relay outlives it.
+                relay.abort();
+                Err(e)
+            }
+        }
+    }
+
+    async fn start<F, Fut>(&mut self, paths: &StdioPaths, open: F) -> Result<(), IoError>
+    where
+        F: Fn(StreamKind) -> Fut,
+        Fut: std::future::Future<Output = Result<tokio::net::UnixStream, IoError>>,
+    {
+        let cfg = paths.config();
         if cfg.tty {
             let stdin = (!paths.stdin.is_empty())
                 .then(|| open_input(&paths.stdin))
@@ -165,24 +187,24 @@ impl Relay {
                 false => Some(open_output(&paths.stdout).await?),
             };
             let (read, write) = open(StreamKind::Tty).await?.into_split();
+            let out = stdout.unwrap_or_else(|| Box::new(tokio::io::sink()));
             match stdin {
-                Some(fifo) => relay.start_input(Box::new(fifo), Box::new(write)),
+                Some(fifo) => self.start_input(Box::new(fifo), Box::new(write)),
                 None => {
                     // Dropping the write half would be a ^D for the terminal: keep it with
                     // the output.
-                    let out = stdout.unwrap_or_else(|| Box::new(tokio::io::sink()));
-                    relay.outputs.push(tokio::spawn(async move {
+                    let progress = self.progress.clone();
+                    self.outputs.push(tokio::spawn(async move {
                         let _keep = write;
-                        copy_out(Box::new(read), out).await;
+                        copy_out(Box::new(read), out, progress).await;
                     }));
-                    return Ok(relay);
+                    return Ok(());
                 }
             }
-            let out = stdout.unwrap_or_else(|| Box::new(tokio::io::sink()));
-            relay
-                .outputs
-                .push(tokio::spawn(copy_out(Box::new(read), out)));
-            return Ok(relay);
+            let progress = self.progress.clone();
+            self.outputs
+                .push(tokio::spawn(copy_out(Box::new(read), out, progress)));
+            return Ok(());
         }
         // Open every local end first: a bad path must fail before any stream exists.
         let stdin = cfg.stdin.then(|| open_input(&paths.stdin)).transpose()?;
@@ -196,17 +218,17 @@ impl Relay {
         };
         if let Some(fifo) = stdin {
             let stream = open(StreamKind::Stdin).await?;
-            relay.start_input(Box::new(fifo), Box::new(stream));
+            self.start_input(Box::new(fifo), Box::new(stream));
         }
         for (kind, out) in [(StreamKind::Stdout, stdout), (StreamKind::Stderr, stderr)] {
             if let Some(out) = out {
                 let stream = open(kind).await?;
-                relay
-                    .outputs
-                    .push(tokio::spawn(copy_out(Box::new(stream), out)));
+                let progress = self.progress.clone();
+                self.outputs
+                    .push(tokio::spawn(copy_out(Box::new(stream), out, progress)));
             }
         }
-        Ok(relay)
+        Ok(())
     }
 
     fn start_input(&mut self, fifo: Reader, stream: Writer) {
@@ -221,11 +243,38 @@ impl Relay {
         self.close_stdin.clone()
     }
 
-    /// Waits until every output stream has reached EOF and been written out.
-    pub async fn drained(&mut self) {
-        for task in self.outputs.drain(..) {
-            let _ = task.await;
+    /// Waits until every output stream has reached EOF and been written out, or until no
+    /// byte has moved for `idle` (a guest that keeps a stream open after its process
+    /// exited); then the copies are stopped. Returns whether the output was drained.
+    pub async fn drained(&mut self, idle: Duration) -> bool {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        let mut all = Box::pin(async {
+            for task in outputs.iter_mut() {
+                let _ = task.await;
+            }
+        });
+        let mut seen = self.progress.load(Ordering::Relaxed);
+        let drained = loop {
+            if tokio::time::timeout(idle, &mut all).await.is_ok() {
+                break true;
+            }
+            let now = self.progress.load(Ordering::Relaxed);
+            if now == seen {
+                break false;
+            }
+            seen = now;
+        };
+        drop(all);
+        if !drained {
+            warn!(
+                idle = ?idle,
+                "an output stream stayed open and idle after the process exited; stopped"
+            );
+            for task in outputs {
+                task.abort();
+            }
         }
+        drained
     }
 
     /// Stops every copy (the process is gone or was never created).
@@ -244,11 +293,26 @@ impl Drop for Relay {
     }
 }
 
-/// Copies an agent output stream into containerd's fifo until EOF.
-async fn copy_out(mut from: Reader, mut to: Writer) {
-    match tokio::io::copy(&mut from, &mut to).await {
-        Ok(bytes) => debug!(bytes, "output stream drained"),
-        Err(e) => debug!(error = %e, "output stream ended"),
+/// Copies an agent output stream into containerd's fifo until EOF, counting the bytes
+/// delivered in `progress`.
+async fn copy_out(mut from: Reader, mut to: Writer, progress: Arc<AtomicU64>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    let end = loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        if let Err(e) = to.write_all(&buf[..n]).await {
+            break Err(e);
+        }
+        total += n as u64;
+        progress.fetch_add(n as u64, Ordering::Relaxed);
+    };
+    match end {
+        Ok(()) => debug!(bytes = total, "output stream drained"),
+        Err(e) => debug!(bytes = total, error = %e, "output stream ended"),
     }
     let _ = to.flush().await;
 }
@@ -326,9 +390,148 @@ mod tests {
             .open_receiver(&fifo)
             .unwrap();
         let out = open_output(fifo.to_str().unwrap()).await.unwrap();
-        copy_out(Box::new(&b"hello\n"[..]), out).await;
+        copy_out(Box::new(&b"hello\n"[..]), out, Arc::default()).await;
         let mut got = [0u8; 6];
         reader.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello\n");
+    }
+}
+
+/// The relay against a scripted guest: a hybrid vsock socket that does the handshake and
+/// then answers each stream's header as the test says.
+#[cfg(test)]
+mod guest_tests {
+    use std::time::Instant;
+
+    use tokio::net::{UnixListener, UnixStream};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::agent::open_stdio_stream_within;
+
+    /// Serves `uds`: connection `i` gets `acks[i]` (`None`: never answered) and, when
+    /// accepted, is handed to the test.
+    fn scripted_guest(uds: &Path, acks: Vec<Option<u8>>) -> mpsc::UnboundedReceiver<UnixStream> {
+        let listener = UnixListener::bind(uds).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            for ack in acks {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut byte = [0u8; 1];
+                while conn.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {}
+                conn.write_all(b"OK 1073741824\n").await.unwrap();
+                let mut header = [0u8; 256];
+                let _ = conn.read(&mut header).await.unwrap();
+                match ack {
+                    Some(answer) => {
+                        conn.write_all(&[answer]).await.unwrap();
+                        if answer == 0 {
+                            let _ = tx.send(conn);
+                        }
+                    }
+                    None => held.push(conn),
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        rx
+    }
+
+    fn paths(dir: &Path, stderr: bool) -> StdioPaths {
+        let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        StdioPaths {
+            stdin: String::new(),
+            stdout: file("stdout"),
+            stderr: if stderr { file("stderr") } else { String::new() },
+            terminal: false,
+        }
+    }
+
+    /// S6: a guest that takes the connection but never accepts the stream fails the open
+    /// in bounded time.
+    #[tokio::test]
+    async fn an_unanswered_stream_fails_in_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let _guest = scripted_guest(&uds, vec![None]);
+        let header = StreamHeader {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+            kind: StreamKind::Stdout,
+        };
+        let started = Instant::now();
+        let limit = Duration::from_millis(300);
+        let open = open_stdio_stream_within(&uds, &header, limit);
+        let err = tokio::time::timeout(Duration::from_secs(5), open)
+            .await
+            .expect("the open is not bounded")
+            .unwrap_err();
+        assert!(matches!(err, StdioStreamError::Timeout(l) if l == limit), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// S9: when one stream of a process cannot be opened, the copies already started end
+    /// with the failed attach (the guest's end of the open stream sees it closed).
+    #[tokio::test]
+    async fn a_half_opened_relay_leaves_no_copy_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let mut accepted = scripted_guest(&uds, vec![Some(0), Some(1)]);
+        let err = Relay::attach(&uds, "c1", "", &paths(dir.path(), true))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                IoError::Stream {
+                    kind: StreamKind::Stderr,
+                    source: StdioStreamError::Refused(1)
+                }
+            ),
+            "{err:?}"
+        );
+        let mut stdout = accepted.recv().await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), stdout.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the stdout copy is still running: {read:?}"
+        );
+    }
+
+    /// S6: after an exit, a stream the guest keeps open and silent is given up on; one that
+    /// is slow but moving is waited for to the end.
+    #[tokio::test]
+    async fn draining_gives_up_on_an_idle_stream_but_not_on_a_slow_one() {
+        let idle = Duration::from_millis(300);
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let mut accepted = scripted_guest(&uds, vec![Some(0), Some(0)]);
+
+        let mut silent = Relay::attach(&uds, "c1", "", &paths(dir.path(), false))
+            .await
+            .unwrap();
+        let _guest_end = accepted.recv().await.unwrap();
+        let started = Instant::now();
+        let drained = tokio::time::timeout(Duration::from_secs(5), silent.drained(idle)).await;
+        assert_eq!(drained, Ok(false), "an idle open stream was waited for");
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        let mut slow = Relay::attach(&uds, "c2", "", &paths(dir.path(), false))
+            .await
+            .unwrap();
+        let mut guest_end = accepted.recv().await.unwrap();
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                guest_end.write_all(b"x").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        assert!(slow.drained(idle).await, "a slow stream was cut");
+        let out = std::fs::read(dir.path().join("stdout")).unwrap();
+        assert_eq!(out, b"xxxxxxxxxx");
     }
 }

@@ -322,26 +322,47 @@ pub enum StdioStreamError {
     /// The stream header could not be sent or answered
     #[error("The stream header could not be sent or answered")]
     Io(#[source] std::io::Error),
+    /// The guest did not accept the stream in time
+    #[error("The guest did not accept the stream within {0:?}")]
+    Timeout(Duration),
     /// The agent refused the stream header
     #[error("The agent refused the stream header (answer {0})")]
     Refused(u8),
 }
 
+/// How long opening a stdio stream may take, from the connect to the agent's acceptance: a
+/// guest that never answers must not hold `Create` (and the pod's create lock) forever.
+pub const STDIO_OPEN_LIMIT: Duration = Duration::from_secs(10);
+
 /// Opens one stdio stream: connects to the agent's stdio port through the VMM's hybrid
-/// vsock socket `uds_path`, sends `header` and waits for the agent's acceptance. The
-/// returned stream carries the process stream's bytes; `shutdown()` on a stdin or tty
-/// stream is the process's stdin EOF.
+/// vsock socket `uds_path`, sends `header` and waits for the agent's acceptance, all within
+/// [`STDIO_OPEN_LIMIT`]. The returned stream carries the process stream's bytes;
+/// `shutdown()` on a stdin or tty stream is the process's stdin EOF.
 pub async fn open_stdio_stream(
     uds_path: &Path,
     header: &StreamHeader,
 ) -> Result<UnixStream, StdioStreamError> {
-    let mut stream = UnixStream::connect(uds_path)
+    open_stdio_stream_within(uds_path, header, STDIO_OPEN_LIMIT).await
+}
+
+/// [`open_stdio_stream`] with its own time limit.
+pub async fn open_stdio_stream_within(
+    uds_path: &Path,
+    header: &StreamHeader,
+    limit: Duration,
+) -> Result<UnixStream, StdioStreamError> {
+    let open = async {
+        let mut stream = UnixStream::connect(uds_path)
+            .await
+            .map_err(StdioStreamError::Connect)?;
+        handshake::handshake(&mut stream, STDIO_VSOCK_PORT)
+            .await
+            .map_err(StdioStreamError::Handshake)?;
+        bind_stdio_stream(stream, header).await
+    };
+    tokio::time::timeout(limit, open)
         .await
-        .map_err(StdioStreamError::Connect)?;
-    handshake::handshake(&mut stream, STDIO_VSOCK_PORT)
-        .await
-        .map_err(StdioStreamError::Handshake)?;
-    bind_stdio_stream(stream, header).await
+        .map_err(|_| StdioStreamError::Timeout(limit))?
 }
 
 /// [`open_stdio_stream`] at any [`VsockEndpoint`] (a guest CID over AF_VSOCK too), as a
@@ -354,15 +375,17 @@ pub async fn open_stdio_stream_at(
         let stream = open_stdio_stream(path, header).await?;
         return Ok(Box::new(stream));
     }
-    let stream = endpoint
-        .connect(STDIO_VSOCK_PORT, STDIO_CONNECT_LIMIT)
+    let open = async {
+        let stream = endpoint
+            .connect(STDIO_VSOCK_PORT, STDIO_OPEN_LIMIT)
+            .await
+            .map_err(|e| StdioStreamError::Endpoint(Box::new(e)))?;
+        bind_stdio_stream(stream, header).await
+    };
+    tokio::time::timeout(STDIO_OPEN_LIMIT, open)
         .await
-        .map_err(|e| StdioStreamError::Endpoint(Box::new(e)))?;
-    bind_stdio_stream(stream, header).await
+        .map_err(|_| StdioStreamError::Timeout(STDIO_OPEN_LIMIT))?
 }
-
-/// How long the connect to the stdio port may take over AF_VSOCK.
-const STDIO_CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Sends `header` on a connected stdio stream and waits for the agent's acceptance.
 async fn bind_stdio_stream<S: AsyncRead + AsyncWrite + Unpin>(

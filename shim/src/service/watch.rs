@@ -21,8 +21,12 @@ use crate::sandbox::Sandbox;
 const WAIT_SLICE: Duration = Duration::from_secs(24 * 3600);
 /// How long a broken agent connection may precede the VM's reaped exit.
 const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
-/// How long output may still drain after the VM died under a process.
+/// How long output may stay idle after the VM died under a process.
 const DRAIN_AFTER_LOSS: Duration = Duration::from_secs(2);
+/// How long an output stream may stay open without a byte after the guest reported its
+/// process's exit (the agent reports an exit only after the process's output is sent, so
+/// an honest guest has nothing left but what is in flight).
+const DRAIN_IDLE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Service {
     /// Waits for the exit of process (`id`, `exec_id`) in the guest, drains its output,
@@ -60,10 +64,10 @@ impl Service {
                 }
             };
             if let Some(mut relay) = relay {
-                if lost {
-                    let _ = tokio::time::timeout(DRAIN_AFTER_LOSS, relay.drained()).await;
-                } else {
-                    relay.drained().await;
+                let idle = if lost { DRAIN_AFTER_LOSS } else { DRAIN_IDLE_LIMIT };
+                if !relay.drained(idle).await && !lost {
+                    warn!(container = %id, exec = %exec_id,
+                        "the guest kept an output stream open after the exit; reporting the exit");
                 }
             }
             this.record_exit(&id, &exec_id, pid, status).await;

@@ -19,6 +19,10 @@ use crate::sandbox::Sandbox;
 
 /// One slice of a `WaitProcess` or `GetOOMEvent` call; the watchers call again after it.
 const WAIT_SLICE: Duration = Duration::from_secs(24 * 3600);
+/// The shortest time between two OOM reports taken from the guest.
+const OOM_EVENT_INTERVAL: Duration = Duration::from_millis(100);
+/// How many distinct unknown container ids in OOM reports are logged.
+const MAX_UNKNOWN_OOM_LOGGED: usize = 16;
 /// How long a broken agent connection may precede the VM's reaped exit.
 const VM_EXIT_GRACE: Duration = Duration::from_secs(2);
 /// How long output may stay idle after the VM died under a process.
@@ -131,32 +135,107 @@ impl Service {
         });
         let this = self.clone();
         tokio::spawn(async move {
-            loop {
-                match sandbox.agent().get_oom_event(WAIT_SLICE).await {
-                    Ok(container_id) => {
-                        warn!(container = %container_id, "OOM kill in the guest");
-                        let event = TaskOOM {
-                            container_id,
-                            ..Default::default()
-                        };
-                        this.inner
-                            .events
-                            .publish(topics::TASK_OOM_EVENT_TOPIC, event)
-                            .await;
-                    }
-                    Err(AgentError::Timeout { .. }) => continue,
-                    Err(e) => {
-                        // A VM that ends (stopped or died) ends this loop quietly.
-                        if tokio::time::timeout(VM_EXIT_GRACE, sandbox.exited())
-                            .await
-                            .is_err()
-                        {
-                            warn!(pod = sandbox.id(), error = %e, "OOM events unavailable");
-                        }
-                        return;
-                    }
+            let next = || sandbox.agent().get_oom_event(WAIT_SLICE);
+            let known = |id: &str| lock(&this.inner.containers).contains_key(id);
+            let publish = |container_id: String| {
+                let this = this.clone();
+                async move {
+                    let event = TaskOOM {
+                        container_id,
+                        ..Default::default()
+                    };
+                    this.inner
+                        .events
+                        .publish(topics::TASK_OOM_EVENT_TOPIC, event)
+                        .await;
                 }
+            };
+            let e = forward_oom_events(next, known, publish, OOM_EVENT_INTERVAL).await;
+            // A VM that ends (stopped or died) ends this loop quietly.
+            if tokio::time::timeout(VM_EXIT_GRACE, sandbox.exited())
+                .await
+                .is_err()
+            {
+                warn!(pod = sandbox.id(), error = %e, "OOM events unavailable");
             }
         });
+    }
+}
+
+/// Forwards the guest's OOM reports (`next`) as events (`publish`) until `next` fails, and
+/// returns that error. The guest cannot flood containerd or the log: reports come at most
+/// one per `interval` (the next one is not asked for sooner), and reports of containers
+/// this shim does not run (`known`) are dropped, logged once each.
+async fn forward_oom_events<N, NF, K, P, PF>(
+    next: N,
+    known: K,
+    publish: P,
+    interval: Duration,
+) -> AgentError
+where
+    N: Fn() -> NF,
+    NF: std::future::Future<Output = Result<String, AgentError>>,
+    K: Fn(&str) -> bool,
+    P: Fn(String) -> PF,
+    PF: std::future::Future<Output = ()>,
+{
+    let mut unknown_logged = std::collections::HashSet::new();
+    loop {
+        let asked = tokio::time::Instant::now();
+        match next().await {
+            Ok(container_id) if known(&container_id) => {
+                warn!(container = %container_id, "OOM kill in the guest");
+                publish(container_id).await;
+            }
+            Ok(container_id) => {
+                if unknown_logged.len() < MAX_UNKNOWN_OOM_LOGGED
+                    && unknown_logged.insert(container_id.clone())
+                {
+                    warn!(container = %container_id, "the guest reported an OOM kill of a container this shim does not run; ignored");
+                }
+            }
+            Err(AgentError::Timeout { .. }) => continue,
+            Err(e) => return e,
+        }
+        tokio::time::sleep_until(asked + interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// S5: a guest that answers every GetOOMEvent at once gets at most one event per
+    /// interval through, and none for containers the shim does not run.
+    #[tokio::test]
+    async fn a_flood_of_oom_reports_is_paced_and_filtered() {
+        let asked = AtomicUsize::new(0);
+        let published = std::sync::Mutex::new(Vec::new());
+        let next = || {
+            let n = asked.fetch_add(1, Ordering::Relaxed);
+            async move {
+                match n {
+                    0..=39 => Ok(if n % 2 == 0 { "c1" } else { "ghost" }.to_string()),
+                    _ => Err(AgentError::NotServing(2)),
+                }
+            }
+        };
+        let known = |id: &str| id == "c1";
+        let publish = |id: String| {
+            published.lock().unwrap().push(id);
+            async {}
+        };
+        let started = std::time::Instant::now();
+        let end = forward_oom_events(next, known, publish, Duration::from_millis(20)).await;
+        assert!(matches!(end, AgentError::NotServing(2)), "{end:?}");
+        let published = published.into_inner().unwrap();
+        assert_eq!(published, vec!["c1".to_string(); 20]);
+        assert!(
+            started.elapsed() >= Duration::from_millis(39 * 20),
+            "40 reports went through in {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -144,6 +144,39 @@ pub struct Config {
     pub boot_timeout_secs: u64,
     /// Extra words for the guest kernel command line.
     pub kernel_params: String,
+    /// Whether husk-vmm jails itself (namespaces, empty root, no capabilities) as
+    /// [`Config::vmm_uid`]:[`Config::vmm_gid`].
+    pub vmm_jail: bool,
+    /// The unprivileged user a jailed husk-vmm runs as.
+    pub vmm_uid: u32,
+    /// The unprivileged group a jailed husk-vmm runs as.
+    pub vmm_gid: u32,
+    /// husk-vmm's per-thread seccomp filters.
+    pub vmm_seccomp: SeccompMode,
+}
+
+/// What husk-vmm's seccomp filters do with a syscall outside them (`--seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// Kill husk-vmm (the pod fails with a VMM error).
+    #[default]
+    Kill,
+    /// Let it through and have the kernel log it (finding a missing syscall).
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompMode {
+    /// The value husk-vmm takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kill => "kill",
+            Self::Log => "log",
+            Self::Off => "off",
+        }
+    }
 }
 
 impl Default for Config {
@@ -161,6 +194,10 @@ impl Default for Config {
             debug_console: PathBuf::new(),
             boot_timeout_secs: 60,
             kernel_params: String::new(),
+            vmm_jail: true,
+            vmm_uid: 65534,
+            vmm_gid: 65534,
+            vmm_seccomp: SeccompMode::Kill,
         }
     }
 }
@@ -221,6 +258,11 @@ impl Config {
                 "debug_console {} is not an absolute path",
                 self.debug_console.display()
             )));
+        }
+        if self.vmm_jail && (self.vmm_uid == 0 || self.vmm_gid == 0) {
+            return Err(invalid(
+                "vmm_uid and vmm_gid must not be 0 when vmm_jail is on".into(),
+            ));
         }
         if self.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs must be positive".into()));

@@ -343,13 +343,22 @@ impl Sandbox {
         } else {
             Console::File(config.debug_console.clone())
         };
-        let vmm_cmd = VmmCommand::new(&config.vmm_path, &config.kernel, &layout.vsock_uds)
+        let mut vmm_cmd = VmmCommand::new(&config.vmm_path, &config.kernel, &layout.vsock_uds)
             .initrd(&config.initrd)
             .mem_mib(config.mem_mib)
             .vcpus(config.vcpus)
             .console(console)
             .cmdline_extra(config.kernel_params.clone())
-            .fs(&layout.fs_socket, SHARE_TAG);
+            .fs(&layout.fs_socket, SHARE_TAG)
+            .seccomp(config.vmm_seccomp.as_str());
+        if config.vmm_jail {
+            let jail = layout.dir.join("jail");
+            std::fs::create_dir(&jail).map_err(|source| SandboxError::Dir {
+                path: jail.clone(),
+                source,
+            })?;
+            vmm_cmd = vmm_cmd.jail(jail, config.vmm_uid, config.vmm_gid);
+        }
         let vmm_log = layout.dir.join("vmm.log");
         let vmm = spawn("husk-vmm", &config.vmm_path, vmm_cmd.command(), &vmm_log)?;
         let vmm_pid = vmm.id();

@@ -77,6 +77,8 @@ pub struct VmmCommand {
     cmdline_extra: Option<String>,
     fs: Option<(PathBuf, String)>,
     fs_queue_size: Option<u16>,
+    jail: Option<(PathBuf, u32, u32)>,
+    seccomp: Option<&'static str>,
 }
 
 impl VmmCommand {
@@ -99,7 +101,23 @@ impl VmmCommand {
             cmdline_extra: None,
             fs: None,
             fs_queue_size: None,
+            jail: None,
+            seccomp: None,
         }
+    }
+
+    /// Jails husk-vmm in the empty directory `dir` as `uid`:`gid` once the VM is built
+    /// (`--jail-dir`, `--jail-uid`, `--jail-gid`).
+    pub fn jail(mut self, dir: impl Into<PathBuf>, uid: u32, gid: u32) -> Self {
+        self.jail = Some((dir.into(), uid, gid));
+        self
+    }
+
+    /// The seccomp filters' mode (`--seccomp`: kill, log or off); husk-vmm's default (kill)
+    /// when not set.
+    pub fn seccomp(mut self, mode: &'static str) -> Self {
+        self.seccomp = Some(mode);
+        self
     }
 
     /// The initramfs (`--initrd`).
@@ -195,13 +213,30 @@ impl VmmCommand {
         if let Some(size) = self.fs_queue_size {
             args.extend(["--fs-queue-size".into(), size.to_string().into()]);
         }
+        if let Some((dir, uid, gid)) = &self.jail {
+            args.extend([
+                "--jail-dir".into(),
+                dir.clone().into(),
+                "--jail-uid".into(),
+                uid.to_string().into(),
+                "--jail-gid".into(),
+                gid.to_string().into(),
+            ]);
+        }
+        if let Some(mode) = self.seccomp {
+            args.extend(["--seccomp".into(), mode.into()]);
+        }
         args
     }
 
-    /// A `Command` running husk-vmm with these arguments (stdio left to the caller).
+    /// A `Command` running husk-vmm with these arguments in a clean environment (only
+    /// `RUST_LOG` is kept); stdio left to the caller.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
-        cmd.args(self.args());
+        cmd.args(self.args()).env_clear();
+        if let Some(log) = std::env::var_os("RUST_LOG") {
+            cmd.env("RUST_LOG", log);
+        }
         cmd
     }
 }
@@ -285,6 +320,8 @@ impl VirtiofsdCommand {
             self.cache.as_str().into(),
             "--log-level".into(),
             self.log_level.into(),
+            "--seccomp".into(),
+            "kill".into(),
         ]
     }
 
@@ -385,7 +422,9 @@ mod tests {
                 "--cache",
                 "never",
                 "--log-level",
-                "warn"
+                "warn",
+                "--seccomp",
+                "kill"
             ]
         );
     }

@@ -31,6 +31,7 @@ use crate::devices::{lock, Bus};
 use crate::event_loop::{block_stop_signals, EventLoop, SignalSubscriber, StateDump};
 use crate::exit::{ExitEvent, ExitNotifier, ExitStatus};
 use crate::memory::{create_guest_memory, GuestMemory};
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::{Buses, Vcpu};
 
 /// Fixed part of the guest command line (docs/contracts.md). The `i8042.*` words stop the
@@ -78,6 +79,12 @@ pub enum BuildError {
     /// Thread or event loop setup failed
     #[error("Cannot start a VMM thread")]
     Thread(#[source] std::io::Error),
+    /// The jail could not be entered
+    #[error("Cannot jail the VMM")]
+    Jail(#[from] crate::jail::JailError),
+    /// A seccomp filter could not be built or installed
+    #[error("Cannot filter the VMM's syscalls")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
@@ -362,22 +369,91 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
             .add_subscriber(Box::new(handler))
             .map_err(BuildError::Thread)?;
     }
+    // The jail and the filters, before any thread that serves the guest starts.
+    let pid = std::process::id();
+    let filter = |kind| seccomp::program(kind, config.seccomp, pid);
+    let (main_filter, events_filter, vcpu_filter) = (
+        filter(ThreadKind::Main)?,
+        filter(ThreadKind::Events)?,
+        filter(ThreadKind::Vcpu)?,
+    );
+    if let Some(jail) = &config.jail {
+        let applied = crate::jail::enter(jail)?;
+        tracing::info!(%applied, "VMM jailed");
+    }
+    let selftest = config.seccomp_selftest;
+
+    // Event loop thread: its filter first, then its first wait.
     let loop_exit = exit.clone();
+    let (filtered_tx, filtered_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("husk-events".into())
         .spawn(move || {
+            let installed = seccomp::install(ThreadKind::Events, events_filter.as_ref());
+            let ok = installed.is_ok();
+            let _ = filtered_tx.send(installed);
+            if !ok {
+                return;
+            }
+            if selftest == Some(ThreadKind::Events) {
+                seccomp::forbidden_syscall();
+            }
             let e = event_loop.run();
             loop_exit.notify(ExitEvent::VmmError(format!("event loop failed: {e}")));
         })
         .map_err(BuildError::Thread)?;
+    filtered_rx
+        .recv()
+        .map_err(|_| BuildError::Thread(std::io::Error::other("the event loop thread ended")))??;
 
-    // vCPU threads.
+    // vCPU threads: each installs its filter, then all wait until the main thread's is on.
+    let start = Arc::new(std::sync::Barrier::new(vcpus.len() + 1));
+    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (filtered_tx, filtered_rx) = std::sync::mpsc::channel();
+    let count = vcpus.len();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let (start, go, filtered_tx) = (start.clone(), go.clone(), filtered_tx.clone());
+        let vcpu_filter = vcpu_filter.clone();
         let handle = std::thread::Builder::new()
             .name(format!("husk-vcpu{id}"))
-            .spawn(move || vcpu.run())
+            .spawn(move || {
+                let _ = filtered_tx.send(seccomp::install(ThreadKind::Vcpu, vcpu_filter.as_ref()));
+                start.wait();
+                if !go.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                if selftest == Some(ThreadKind::Vcpu) {
+                    seccomp::forbidden_syscall();
+                }
+                vcpu.run()
+            })
             .map_err(BuildError::Thread)?;
         crate::devices::lock(&vcpu_threads).push(handle);
+    }
+    drop(filtered_tx);
+    let mut installed: Result<(), BuildError> = Ok(());
+    for _ in 0..count {
+        match filtered_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => installed = Err(e.into()),
+            Err(_) => {
+                installed = Err(BuildError::Thread(std::io::Error::other(
+                    "a vCPU thread ended",
+                )))
+            }
+        }
+    }
+    if installed.is_ok() {
+        installed = seccomp::install(ThreadKind::Main, main_filter.as_ref()).map_err(Into::into);
+    }
+    go.store(installed.is_ok(), std::sync::atomic::Ordering::SeqCst);
+    start.wait();
+    installed?;
+    if config.seccomp != SeccompMode::Off {
+        tracing::info!(mode = ?config.seccomp, "seccomp filters on: main, events, vcpu");
+    }
+    if selftest == Some(ThreadKind::Main) {
+        seccomp::forbidden_syscall();
     }
     tracing::info!(
         vcpus = config.vcpus,
@@ -391,7 +467,10 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         .recv()
         .unwrap_or_else(|_| ExitEvent::VmmError("all VMM threads ended".into()));
     lock(&serial).flush();
-    let _ = std::fs::remove_file(&config.vsock_uds);
+    if config.jail.is_none() {
+        // A jailed VMM cannot see it any more; the shim removes the pod directory.
+        let _ = std::fs::remove_file(&config.vsock_uds);
+    }
     let status = exit.observations.classify(&event);
     match &event {
         ExitEvent::VmmError(msg) => tracing::error!("{msg}"),

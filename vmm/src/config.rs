@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use crate::jail::JailConfig;
+use crate::seccomp::{SeccompMode, ThreadKind};
+
 /// Smallest guest memory we accept: a 6.1 kernel plus initramfs does not fit in less.
 pub const MIN_MEM_SIZE_MIB: u64 = 32;
 /// Largest guest memory we accept (256 GiB).
@@ -83,6 +86,22 @@ pub struct CliArgs {
     /// Size of each virtio-fs queue (a power of two up to 32768).
     #[arg(long = "fs-queue-size", value_name = "N", default_value_t = crate::devices::virtio::fs::defs::DEFAULT_QUEUE_SIZE)]
     pub fs_queue_size: u16,
+    /// Jail the VMM once the VM is built (crate::jail): an empty directory it mounts its
+    /// private root on (needs --jail-uid and --jail-gid).
+    #[arg(long = "jail-dir", value_name = "DIR", requires_all = ["jail_uid", "jail_gid"])]
+    pub jail_dir: Option<PathBuf>,
+    /// The unprivileged user the jailed VMM runs as.
+    #[arg(long = "jail-uid", value_name = "UID", requires = "jail_dir")]
+    pub jail_uid: Option<u32>,
+    /// The unprivileged group the jailed VMM runs as.
+    #[arg(long = "jail-gid", value_name = "GID", requires = "jail_dir")]
+    pub jail_gid: Option<u32>,
+    /// The per-thread seccomp filters: `kill` a syscall outside them, `log` it, or `off`.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+    /// Test only: make a thread of this kind call a forbidden syscall once its filter is on.
+    #[arg(long = "seccomp-selftest", value_enum, hide = true)]
+    pub seccomp_selftest: Option<ThreadKind>,
 }
 
 /// A virtio-fs device served by virtiofsd.
@@ -117,6 +136,12 @@ pub struct VmConfig {
     pub cmdline_extra: Option<String>,
     /// Optional virtio-fs device.
     pub fs: Option<FsConfig>,
+    /// The jail, if any.
+    pub jail: Option<JailConfig>,
+    /// The seccomp filters' mode.
+    pub seccomp: SeccompMode,
+    /// Test only: the thread kind that calls a forbidden syscall.
+    pub seccomp_selftest: Option<ThreadKind>,
 }
 
 /// A semantically invalid command line.
@@ -174,6 +199,9 @@ pub enum ConfigError {
     /// Bad virtio-fs queue size
     #[error("--fs-queue-size {0} is not a power of two in 2..=32768")]
     FsQueueSize(u16),
+    /// The jail directory is not an empty directory
+    #[error("--jail-dir {0} is not an empty directory")]
+    JailDir(PathBuf),
     /// The virtiofsd socket is not there
     #[error("virtiofsd socket {0} does not exist or is not a socket (start virtiofsd first)")]
     FsSocketMissing(PathBuf),
@@ -230,6 +258,16 @@ impl CliArgs {
             (Some(socket), Some(tag)) => Some(check_fs(socket, tag, self.fs_queue_size)?),
             _ => None,
         };
+        let jail = match (self.jail_dir, self.jail_uid, self.jail_gid) {
+            (Some(dir), Some(uid), Some(gid)) => {
+                let empty = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none());
+                if !empty {
+                    return Err(ConfigError::JailDir(dir));
+                }
+                Some(JailConfig { dir, uid, gid })
+            }
+            _ => None,
+        };
         Ok(VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
@@ -240,6 +278,9 @@ impl CliArgs {
             console: self.console,
             cmdline_extra: self.cmdline_extra,
             fs,
+            jail,
+            seccomp: self.seccomp,
+            seccomp_selftest: self.seccomp_selftest,
         })
     }
 }

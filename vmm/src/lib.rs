@@ -14,8 +14,10 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod jail;
 pub mod memory;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod vcpu;
 
 pub use builder::{run_vm, BuildError};

@@ -49,7 +49,10 @@ fn every_option_reaches_husk_vmm_with_its_value() {
         .console(Console::File(console.clone()))
         .cmdline_extra("quiet probe_mode=bench")
         .fs(&fs_socket, "husk")
-        .fs_queue_size(256);
+        .fs_queue_size(256)
+        .jail(dir.path().join("jail"), 65534, 65533)
+        .seccomp("log");
+    std::fs::create_dir(dir.path().join("jail")).unwrap();
     let cfg = parse(&cmd);
 
     assert_eq!(cfg.kernel, kernel);
@@ -68,6 +71,26 @@ fn every_option_reaches_husk_vmm_with_its_value() {
             queue_size: 256,
         })
     );
+    assert_eq!(
+        cfg.jail,
+        Some(husk_vmm::jail::JailConfig {
+            dir: dir.path().join("jail"),
+            uid: 65534,
+            gid: 65533,
+        })
+    );
+    assert_eq!(cfg.seccomp, husk_vmm::seccomp::SeccompMode::Log);
+    // The shim's config words are husk-vmm's.
+    use husk_shim::config::SeccompMode as Shim;
+    use husk_vmm::seccomp::SeccompMode as Vmm;
+    for (mode, meant) in [
+        (Shim::Kill, Vmm::Kill),
+        (Shim::Log, Vmm::Log),
+        (Shim::Off, Vmm::Off),
+    ] {
+        let cmd = VmmCommand::new("husk-vmm", &kernel, &vsock_uds).seccomp(mode.as_str());
+        assert_eq!(parse(&cmd).seccomp, meant);
+    }
 }
 
 #[test]
@@ -88,7 +111,9 @@ fn a_bare_command_gets_the_builders_defaults_and_husk_vmms_for_the_rest() {
     assert_eq!(cfg.initrd, None);
     assert_eq!(cfg.cmdline_extra, None);
     assert!(cfg.fs.is_none());
-    // Left to husk-vmm, as VmmCommand::vsock_cid documents.
+    assert!(cfg.jail.is_none());
+    // Left to husk-vmm, as VmmCommand::vsock_cid and VmmCommand::seccomp document.
+    assert_eq!(cfg.seccomp, husk_vmm::seccomp::SeccompMode::Kill);
     assert_eq!(cfg.vsock_cid, DEFAULT_GUEST_CID);
 }
 

@@ -1,0 +1,336 @@
+//! husk-vmm's seccomp filters: one per thread kind, deny by default.
+//!
+//! Each thread installs its own filter (seccompiler, no TSYNC) before it touches anything the
+//! guest controls: the event loop before its first `epoll_wait`, each vCPU before its first
+//! `KVM_RUN`, the main thread once the others are started; the vCPUs wait for all three
+//! (see `builder::run_vm`), so the guest's first instruction runs under every filter.
+//!
+//! The lists are what each thread does after setup, and no more: no `open`, `exec`, `clone`,
+//! `mount`, `ptrace` or `kill` of another process anywhere; `ioctl` only by request number (the
+//! vCPU thread's KVM calls, the event loop's `FIONBIO`); no executable memory (`mmap` and
+//! `mprotect` with `PROT_EXEC` are refused). Signals go only to husk-vmm's own threads (the
+//! vCPU kick, `abort`). A syscall outside a list kills the whole process with `SIGSYS`
+//! ([`SeccompMode::Kill`]), which the shim reports as a VMM failure; [`SeccompMode::Log`] lets
+//! it through and has the kernel log it (to find a missing entry), [`SeccompMode::Off`]
+//! installs nothing.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// What a filter does with a syscall outside its list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the process (SIGSYS).
+    #[default]
+    Kill,
+    /// Allow it and have the kernel log it (audit).
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// The kinds of husk-vmm threads, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ThreadKind {
+    /// The main thread: waits for the VM's end, flushes the console, exits.
+    Main,
+    /// The device event loop: vsock sockets, virtio queue and vhost-user events, signals.
+    Events,
+    /// A vCPU: `KVM_RUN` and the device emulation of its exits.
+    Vcpu,
+}
+
+/// Errors of building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// seccompiler refused the rules or could not install them
+    #[error("Cannot install the {0:?} seccomp filter")]
+    Filter(ThreadKind, #[source] seccompiler::Error),
+    /// seccompiler refused a condition or rule
+    #[error("Invalid seccomp rule")]
+    Backend(#[from] seccompiler::BackendError),
+}
+
+// ioctl request numbers (linux/kvm.h, asm-generic/ioctls.h).
+const KVMIO: u64 = 0xAE;
+const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | (KVMIO << 8) | nr
+}
+const IOC_WRITE: u64 = 1;
+const IOC_READ: u64 = 2;
+/// `KVM_RUN`: `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_GET_REGS`: `_IOR(KVMIO, 0x81, struct kvm_regs)`.
+pub const KVM_GET_REGS: u64 = ioc(
+    IOC_READ,
+    0x81,
+    std::mem::size_of::<kvm_bindings::kvm_regs>() as u64,
+);
+/// `KVM_GET_SREGS`: `_IOR(KVMIO, 0x83, struct kvm_sregs)`.
+pub const KVM_GET_SREGS: u64 = ioc(
+    IOC_READ,
+    0x83,
+    std::mem::size_of::<kvm_bindings::kvm_sregs>() as u64,
+);
+/// `KVM_TRANSLATE`: `_IOWR(KVMIO, 0x85, struct kvm_translation)`.
+pub const KVM_TRANSLATE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x85,
+    std::mem::size_of::<kvm_bindings::kvm_translation>() as u64,
+);
+/// `FIONBIO` (what `set_nonblocking` uses).
+const FIONBIO: u64 = 0x5421;
+
+fn arg_eq(index: u8, value: u64) -> Result<SeccompCondition, SeccompError> {
+    Ok(SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        value,
+    )?)
+}
+
+/// `arg & mask == 0`.
+fn arg_lacks(index: u8, mask: u64) -> Result<SeccompCondition, SeccompError> {
+    Ok(SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        0,
+    )?)
+}
+
+/// The syscalls of a thread kind, with their argument rules (an empty list: any arguments).
+fn rules(kind: ThreadKind, pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let any = |rules: &mut BTreeMap<i64, Vec<SeccompRule>>, calls: &[libc::c_long]| {
+        for call in calls {
+            rules.insert(*call, Vec::new());
+        }
+    };
+    // Every thread: memory (never executable), locks, time, its own signals, logging, exit.
+    any(
+        &mut rules,
+        &[
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_writev,
+            libc::SYS_close,
+            libc::SYS_futex,
+            libc::SYS_munmap,
+            libc::SYS_mremap,
+            libc::SYS_madvise,
+            libc::SYS_brk,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_sigaltstack,
+            libc::SYS_sched_yield,
+            libc::SYS_clock_gettime,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_nanosleep,
+            libc::SYS_getrandom,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_restart_syscall,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+        ],
+    );
+    let no_exec = || -> Result<Vec<SeccompRule>, SeccompError> {
+        Ok(vec![SeccompRule::new(vec![arg_lacks(
+            2,
+            libc::PROT_EXEC as u64,
+        )?])?])
+    };
+    rules.insert(libc::SYS_mmap, no_exec()?);
+    rules.insert(libc::SYS_mprotect, no_exec()?);
+    // Signals only to our own threads: the vCPU kick, abort's SIGABRT.
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![arg_eq(0, u64::from(pid))?])?],
+    );
+    // Descriptor flags only (std checks and sets them; F_DUPFD and F_SETOWN are out).
+    rules.insert(
+        libc::SYS_fcntl,
+        [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL]
+            .into_iter()
+            .map(|cmd| Ok(SeccompRule::new(vec![arg_eq(1, cmd as u64)?])?))
+            .collect::<Result<Vec<_>, SeccompError>>()?,
+    );
+    // abort() resets SIGABRT's handler before raising it.
+    rules.insert(
+        libc::SYS_rt_sigaction,
+        vec![SeccompRule::new(vec![arg_eq(0, libc::SIGABRT as u64)?])?],
+    );
+    // vhost-user messages (the vCPU thread activates the virtio-fs device; the event loop
+    // answers its backend) and vsock data: socket I/O on descriptors opened before.
+    any(
+        &mut rules,
+        &[
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+        ],
+    );
+    match kind {
+        ThreadKind::Main => {
+            // Removing the vsock socket at the end when not jailed.
+            any(&mut rules, &[libc::SYS_unlink, libc::SYS_unlinkat]);
+        }
+        ThreadKind::Events => {
+            any(
+                &mut rules,
+                &[
+                    libc::SYS_epoll_wait,
+                    libc::SYS_epoll_pwait,
+                    libc::SYS_epoll_ctl,
+                    libc::SYS_accept4,
+                    libc::SYS_connect,
+                    libc::SYS_shutdown,
+                    libc::SYS_getsockopt,
+                ],
+            );
+            // Guest-initiated vsock connections: Unix stream sockets only.
+            rules.insert(
+                libc::SYS_socket,
+                vec![SeccompRule::new(vec![arg_eq(0, libc::AF_UNIX as u64)?])?],
+            );
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![arg_eq(1, FIONBIO)?])?],
+            );
+        }
+        ThreadKind::Vcpu => {
+            let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE]
+                .into_iter()
+                .map(|request| Ok(SeccompRule::new(vec![arg_eq(1, request)?])?))
+                .collect::<Result<Vec<_>, SeccompError>>()?;
+            rules.insert(libc::SYS_ioctl, ioctls);
+            // The virtio-fs device's activation waits for virtiofsd's replies.
+            any(&mut rules, &[libc::SYS_poll, libc::SYS_ppoll]);
+        }
+    }
+    Ok(rules)
+}
+
+/// The BPF program of thread kind `kind` in process `pid`, or `None` when `mode` is off.
+pub fn program(
+    kind: ThreadKind,
+    mode: SeccompMode,
+    pid: u32,
+) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let filter = SeccompFilter::new(
+        rules(kind, pid)?,
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SeccompError::Filter(kind, e.into()))?;
+    let program: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SeccompError::Filter(kind, e.into()))?;
+    Ok(Some(program))
+}
+
+/// Installs `program` (from [`program`]) on the calling thread.
+pub fn install(kind: ThreadKind, program: Option<&BpfProgram>) -> Result<(), SeccompError> {
+    match program {
+        Some(program) => {
+            seccompiler::apply_filter(program).map_err(|e| SeccompError::Filter(kind, e))
+        }
+        None => Ok(()),
+    }
+}
+
+/// A syscall none of the filters allows, for `--seccomp-selftest`: the test that proves a
+/// thread's filter is on calls it on that thread and expects the process to die of SIGSYS.
+pub fn forbidden_syscall() {
+    // SAFETY: getppid has no arguments and no effect on memory.
+    unsafe {
+        libc::syscall(libc::SYS_getppid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_ioctl_numbers_match_kvm_ioctls() {
+        // The values of linux/kvm.h on x86_64.
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+    }
+
+    #[test]
+    fn every_kind_compiles_and_off_is_nothing() {
+        for kind in [ThreadKind::Main, ThreadKind::Events, ThreadKind::Vcpu] {
+            assert!(program(kind, SeccompMode::Kill, 1).unwrap().is_some());
+            assert!(program(kind, SeccompMode::Off, 1).unwrap().is_none());
+        }
+        let events = rules(ThreadKind::Events, 1).unwrap();
+        for forbidden in [
+            libc::SYS_execve,
+            libc::SYS_openat,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_mount,
+            libc::SYS_ptrace,
+            libc::SYS_kill,
+            libc::SYS_getppid,
+        ] {
+            for kind in [ThreadKind::Main, ThreadKind::Events, ThreadKind::Vcpu] {
+                assert!(
+                    !rules(kind, 1).unwrap().contains_key(&forbidden),
+                    "{kind:?} allows {forbidden}"
+                );
+            }
+        }
+        assert!(events.contains_key(&libc::SYS_accept4));
+    }
+
+    /// A filter really kills: a child process installs the vCPU filter and calls a syscall
+    /// outside it.
+    #[test]
+    fn a_forbidden_syscall_kills_with_sigsys() {
+        let prog = program(ThreadKind::Vcpu, SeccompMode::Kill, std::process::id()).unwrap();
+        // SAFETY: the child only installs the filter and makes raw syscalls before _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = match install(ThreadKind::Vcpu, prog.as_ref()) {
+                    Ok(()) => {
+                        forbidden_syscall();
+                        0
+                    }
+                    Err(_) => 7,
+                };
+                // SAFETY: _exit is async-signal-safe and ends the child.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Signaled(
+                        child,
+                        nix::sys::signal::Signal::SIGSYS,
+                        false
+                    ),
+                    "the filter did not kill"
+                );
+            }
+        }
+    }
+}

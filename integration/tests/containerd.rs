@@ -611,3 +611,125 @@ fn containers_of_one_pod_share_its_shim_and_vm() {
     delete(&c, pod);
     c.assert_no_leftovers(CLEANUP);
 }
+
+/// Annotations a hostile client might try (the Kata class of CVE-2020-27151: an annotation
+/// that becomes a hypervisor or kernel argument). husk passes only allow-listed annotations to
+/// the guest's spec and none to any command line.
+const HOSTILE_ANNOTATIONS: [&str; 2] = [
+    "io.katacontainers.config.hypervisor.kernel_params=init=/bin/sh-from-an-annotation",
+    "io.husk.vmm_path=/bin/false-from-an-annotation",
+];
+
+/// The fields of `/proc/<pid>/status` named `key`, whitespace-split.
+fn status_field(pid: i32, task: Option<&str>, key: &str) -> Vec<String> {
+    let path = match task {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("{path} has no {key}"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What a running pod's processes may hold: under husk, husk-vmm runs as the unprivileged
+/// user with no capabilities, `no_new_privs`, a seccomp filter on every thread and a mount
+/// namespace holding only its empty root (and in its own network, IPC and UTS namespaces),
+/// and virtiofsd runs filtered too; under either runtime no annotation reaches a command line.
+/// The jailed VMM still serves new streams (an exec).
+#[test]
+fn the_vmm_is_jailed_and_no_annotation_reaches_a_command_line() {
+    let c = Containerd::start();
+    let id = "jailed";
+    let mut flags = Vec::new();
+    for a in HOSTILE_ANNOTATIONS {
+        flags.extend(["--annotation", a]);
+    }
+    run_detached(&c, &flags, id, &["sleep", "100000"]);
+
+    let processes = c.leftovers().processes;
+    for p in &processes {
+        assert!(
+            !p.cmdline.contains("from-an-annotation"),
+            "an annotation reached a command line: {} {}",
+            p.pid,
+            p.cmdline
+        );
+    }
+    if c.runtime() == Runtime::Husk {
+        let program = |name: &str| {
+            processes
+                .iter()
+                .find(|p| {
+                    p.cmdline
+                        .split(' ')
+                        .next()
+                        .is_some_and(|a| a.ends_with(name))
+                })
+                .unwrap_or_else(|| panic!("no {name} among {processes:?}"))
+                .pid
+        };
+        let vmm = program("husk-vmm");
+        let ps = std::process::Command::new("ps")
+            .args(["-o", "user=", "-p", &vmm.to_string()])
+            .output()
+            .expect("ps");
+        assert_eq!(text(&ps.stdout).trim(), "nobody", "ps -o user of husk-vmm");
+        assert_eq!(status_field(vmm, None, "Uid"), ["65534"; 4]);
+        assert_eq!(status_field(vmm, None, "Gid"), ["65534"; 4]);
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(
+                status_field(vmm, None, caps),
+                ["0000000000000000"],
+                "{caps}"
+            );
+        }
+        assert_eq!(status_field(vmm, None, "NoNewPrivs"), ["1"]);
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/task"))
+            .expect("tasks")
+            .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(tasks.len() >= 3, "main, events, a vCPU: {tasks:?}");
+        for t in &tasks {
+            assert_eq!(
+                status_field(vmm, Some(t), "Seccomp"),
+                ["2"],
+                "thread {t} of husk-vmm"
+            );
+        }
+        let mounts = std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).expect("mountinfo");
+        let mounts: Vec<&str> = mounts.lines().collect();
+        assert_eq!(mounts.len(), 1, "husk-vmm sees only its jail: {mounts:#?}");
+        assert!(
+            mounts[0].contains(" / / ro,") && mounts[0].contains(" - tmpfs "),
+            "{}",
+            mounts[0]
+        );
+        for ns in ["mnt", "net", "ipc", "uts"] {
+            let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).expect("ns");
+            let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
+            assert_ne!(theirs, ours, "husk-vmm shares the host's {ns} namespace");
+        }
+        let virtiofsd = program("virtiofsd");
+        assert_eq!(status_field(virtiofsd, None, "Seccomp"), ["2"], "virtiofsd");
+    }
+
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        id,
+        "echo",
+        "still served",
+    ]);
+    assert_eq!(text(&out.stdout), "still served\n", "{}", text(&out.stderr));
+    c.ctr_ok(&["task", "kill", "-s", "KILL", id]);
+    c.wait_task_status(id, "STOPPED", Duration::from_secs(60));
+    delete(&c, id);
+    c.assert_no_leftovers(CLEANUP);
+}

@@ -77,7 +77,9 @@ impl TaskError {
             Self::Agent(_) => Code::UNAVAILABLE,
             Self::Sandbox(SandboxError::Exists(_)) => Code::ALREADY_EXISTS,
             Self::Sandbox(SandboxError::Invalid(_)) => Code::INVALID_ARGUMENT,
-            Self::Sandbox(SandboxError::Agent(AgentError::Status { code, .. })) => guest_code(*code),
+            Self::Sandbox(SandboxError::Agent(AgentError::Status { code, .. })) => {
+                guest_code(*code)
+            }
             Self::Io(IoError::Stream { .. }) | Self::Sandbox(_) => Code::UNAVAILABLE,
             Self::Mount(_) | Self::Host { .. } => Code::INTERNAL,
         }

@@ -445,7 +445,11 @@ mod guest_tests {
         StdioPaths {
             stdin: String::new(),
             stdout: file("stdout"),
-            stderr: if stderr { file("stderr") } else { String::new() },
+            stderr: if stderr {
+                file("stderr")
+            } else {
+                String::new()
+            },
             terminal: false,
         }
     }
@@ -469,7 +473,10 @@ mod guest_tests {
             .await
             .expect("the open is not bounded")
             .unwrap_err();
-        assert!(matches!(err, StdioStreamError::Timeout(l) if l == limit), "{err:?}");
+        assert!(
+            matches!(err, StdioStreamError::Timeout(l) if l == limit),
+            "{err:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 

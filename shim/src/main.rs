@@ -30,11 +30,11 @@ use containerd_shim_protos::shim_async::{create_task, Task};
 use containerd_shim_protos::ttrpc::r#async::transport::Listener;
 use containerd_shim_protos::ttrpc::r#async::Server;
 use containerd_shim_protos::types::introspection::{RuntimeInfo, RuntimeVersion};
+use husk_agent_api::stdio::valid_id;
 use husk_shim::events::{self, Events};
 use husk_shim::service::{load_config, Service};
-use husk_shim::task::HuskTask;
-use husk_agent_api::stdio::valid_id;
 use husk_shim::spec;
+use husk_shim::task::HuskTask;
 use tracing::{error, info, warn};
 
 /// The runtime name users select.

@@ -113,15 +113,35 @@ pub fn make_share(mounts: &Path, shared: &Path) -> Result<(), MountError> {
         })?;
     }
     let on_mounts = |e: nix::Error| mount_error("the share's host tree", mounts)(e.into());
-    mount(Some(mounts), mounts, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(on_mounts)?;
+    mount(
+        Some(mounts),
+        mounts,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(on_mounts)?;
     // A peer group of its own: the host's /run may be shared with other namespaces.
     for flag in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
         mount(None::<&str>, mounts, None::<&str>, flag, None::<&str>).map_err(on_mounts)?;
     }
     let on_shared = |e: nix::Error| mount_error("the share's guest view", shared)(e.into());
-    mount(Some(mounts), shared, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(on_shared)?;
-    mount(None::<&str>, shared, None::<&str>, MsFlags::MS_SLAVE, None::<&str>)
-        .map_err(on_shared)?;
+    mount(
+        Some(mounts),
+        shared,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(on_shared)?;
+    mount(
+        None::<&str>,
+        shared,
+        None::<&str>,
+        MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(on_shared)?;
     mount(
         None::<&str>,
         shared,
@@ -320,8 +340,9 @@ fn is_mount_root(path: &Path) -> std::io::Result<bool> {
         // Kernels before 5.8 cannot say: a mount point is then one on another device.
         let parent = path.parent().unwrap_or(Path::new("/"));
         let parent = rustix::fs::statx(CWD, parent, AtFlags::empty(), StatxFlags::BASIC_STATS)?;
-        return Ok((st.stx_dev_major, st.stx_dev_minor)
-            != (parent.stx_dev_major, parent.stx_dev_minor));
+        return Ok(
+            (st.stx_dev_major, st.stx_dev_minor) != (parent.stx_dev_major, parent.stx_dev_minor)
+        );
     }
     Ok(st.stx_attributes.contains(mount_root))
 }
@@ -464,24 +485,43 @@ mod tests {
         std::fs::create_dir(&victim).unwrap();
         let image = pod.root.path().join("image");
         std::fs::create_dir(&image).unwrap();
-        bind(&image, &pod.mounts().join("c1/rootfs"), BindOptions::default()).unwrap();
+        bind(
+            &image,
+            &pod.mounts().join("c1/rootfs"),
+            BindOptions::default(),
+        )
+        .unwrap();
 
         // The guest's attempts, made where virtiofsd would make them.
         let planted = std::os::unix::fs::symlink(&victim, pod.shared().join("c2"));
-        assert!(is_erofs(&planted), "a symlink was planted in the share: {planted:?}");
+        assert!(
+            is_erofs(&planted),
+            "a symlink was planted in the share: {planted:?}"
+        );
         let renamed = std::fs::rename(
             pod.shared().join("c1/rootfs"),
             pod.shared().join("c1/moved"),
         );
-        assert!(is_erofs(&renamed), "the guest renamed a mount point: {renamed:?}");
+        assert!(
+            is_erofs(&renamed),
+            "the guest renamed a mount point: {renamed:?}"
+        );
         assert!(is_erofs(&std::fs::create_dir(pod.shared().join("c3"))));
 
         // The shim's next mounts land in the pod directory, and show in the guest's view.
         let vol = pod.root.path().join("vol");
         std::fs::create_dir(&vol).unwrap();
         std::fs::write(vol.join("f"), "v").unwrap();
-        bind(&vol, &pod.mounts().join("c2/mounts/0"), BindOptions::default()).unwrap();
-        assert!(mounts_under(&victim).is_empty(), "a mount landed on the victim");
+        bind(
+            &vol,
+            &pod.mounts().join("c2/mounts/0"),
+            BindOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            mounts_under(&victim).is_empty(),
+            "a mount landed on the victim"
+        );
         assert_eq!(
             std::fs::read_to_string(pod.shared().join("c2/mounts/0/f")).unwrap(),
             "v"
@@ -507,7 +547,10 @@ mod tests {
             assert!(is_erofs(&std::fs::write(target.join("sub/inner"), "guest")));
             assert!(is_erofs(&std::fs::remove_file(target.join("data"))));
         }
-        assert_eq!(std::fs::read_to_string(vol.join("data")).unwrap(), "host data");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("data")).unwrap(),
+            "host data"
+        );
         assert_eq!(
             std::fs::read_to_string(vol.join("sub/inner")).unwrap(),
             "inner data"
@@ -521,7 +564,12 @@ mod tests {
     fn a_plain_bind_hides_the_sources_submounts() {
         let pod = Pod::new(None);
         let vol = volume(pod.root.path());
-        bind(&vol, &pod.mounts().join("c1/mounts/0"), BindOptions::default()).unwrap();
+        bind(
+            &vol,
+            &pod.mounts().join("c1/mounts/0"),
+            BindOptions::default(),
+        )
+        .unwrap();
         let target = pod.shared().join("c1/mounts/0");
         assert!(target.join("data").exists());
         assert!(!target.join("sub/inner").exists(), "a submount came along");
@@ -559,7 +607,10 @@ mod tests {
         assert!(mounts_under(&pod.dir).is_empty());
         remove_tree(&pod.dir).unwrap();
         assert!(!pod.dir.exists());
-        assert_eq!(std::fs::read_to_string(vol.join("precious")).unwrap(), "host data");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("precious")).unwrap(),
+            "host data"
+        );
     }
 
     /// S3: removal refuses a tree with a mount still in it and deletes nothing.
@@ -569,14 +620,25 @@ mod tests {
         let vol = pod.root.path().join("vol");
         std::fs::create_dir(&vol).unwrap();
         std::fs::write(vol.join("precious"), "host data").unwrap();
-        bind(&vol, &pod.mounts().join("c1/mounts/0"), BindOptions::default()).unwrap();
+        bind(
+            &vol,
+            &pod.mounts().join("c1/mounts/0"),
+            BindOptions::default(),
+        )
+        .unwrap();
         let err = remove_tree(&pod.mounts().join("c1")).unwrap_err();
         assert!(matches!(err, MountError::StillMounted { .. }), "{err:?}");
-        assert_eq!(std::fs::read_to_string(vol.join("precious")).unwrap(), "host data");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("precious")).unwrap(),
+            "host data"
+        );
         // Even when mountinfo is not consulted, the walk does not descend into the mount.
         let err = remove_below(&pod.mounts(), &pod.mounts().join("c1")).unwrap_err();
         assert!(matches!(err, MountError::StillMounted { .. }), "{err:?}");
-        assert_eq!(std::fs::read_to_string(vol.join("precious")).unwrap(), "host data");
+        assert_eq!(
+            std::fs::read_to_string(vol.join("precious")).unwrap(),
+            "host data"
+        );
     }
 
     #[test]

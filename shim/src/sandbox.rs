@@ -179,6 +179,10 @@ fn describe(program: &str, status: std::io::Result<ExitStatus>, log: &Path) -> S
                 "exited with status 5 (the guest agent failed before it was ready)".into()
             }
             (Some(c), _) => format!("exited with status {c}"),
+            (None, Some(libc::SIGSYS)) => format!(
+                "was killed by signal {} (SIGSYS: a syscall its seccomp filter forbids)",
+                libc::SIGSYS
+            ),
             (None, Some(s)) => format!("was killed by signal {s}"),
             _ => format!("ended ({st})"),
         },
@@ -625,7 +629,9 @@ mod tests {
             ..Config::default()
         };
         let hostname = "é".repeat(40);
-        let err = Sandbox::start("pod1", &config, &hostname).await.unwrap_err();
+        let err = Sandbox::start("pod1", &config, &hostname)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, SandboxError::Invalid(m) if m.contains("80 bytes long")),
             "{err:?}"
@@ -669,5 +675,16 @@ mod tests {
             &dir.path().join("none"),
         );
         assert_eq!(killed, "virtiofsd was killed by signal 9");
+        std::fs::write(
+            &log,
+            "husk-vmm: seccomp: the vCPU thread made syscall 110\n",
+        )
+        .unwrap();
+        let filtered = describe("husk-vmm", Ok(ExitStatus::from_raw(31)), &log);
+        assert_eq!(
+            filtered,
+            "husk-vmm was killed by signal 31 (SIGSYS: a syscall its seccomp filter forbids); \
+             its log ends: husk-vmm: seccomp: the vCPU thread made syscall 110"
+        );
     }
 }

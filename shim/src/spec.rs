@@ -365,10 +365,20 @@ mod tests {
     /// S4: the sandbox id names the pod directory; `..` or a `/` must never get that far.
     #[test]
     fn a_sandbox_id_that_is_a_path_is_refused() {
-        for bad in ["../../var/lib/x", "..", "a/b", "-rf", ".hidden", &"p".repeat(129)] {
+        for bad in [
+            "../../var/lib/x",
+            "..",
+            "a/b",
+            "-rf",
+            ".hidden",
+            &"p".repeat(129),
+        ] {
             let spec = json!({"annotations": {CRI_SANDBOX_ID: bad}});
             let err = pod_membership("c1", &spec).unwrap_err();
-            assert!(matches!(&err, SpecError::SandboxId(id) if id == bad), "{bad}: {err:?}");
+            assert!(
+                matches!(&err, SpecError::SandboxId(id) if id == bad),
+                "{bad}: {err:?}"
+            );
             let bytes = serde_json::to_vec(&spec).unwrap();
             assert!(grouping_sandbox_id(&bytes).is_err(), "{bad}");
         }

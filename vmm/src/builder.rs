@@ -323,6 +323,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     let exit_counters: Vec<_> = vcpus.iter().map(Vcpu::exit_counter).collect();
     let probes: Vec<_> = vcpus.iter().map(Vcpu::regs_probe).collect();
     crate::vcpu::install_kick_handler().map_err(BuildError::Thread)?;
+    seccomp::install_sigsys_handler().map_err(BuildError::Thread)?;
     // The vCPU threads' handles, filled in once they are spawned below.
     let vcpu_threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
     let dump_threads = vcpu_threads.clone();

@@ -134,7 +134,9 @@ fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
         // SAFETY: prctl with integer arguments only.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
         if rc != 0 && nix::errno::Errno::last() != nix::errno::Errno::EINVAL {
-            return Err(step("drop the bounding capabilities")(nix::errno::Errno::last()));
+            return Err(step("drop the bounding capabilities")(
+                nix::errno::Errno::last(),
+            ));
         }
     }
     // SAFETY: prctl with integer arguments only.
@@ -148,7 +150,9 @@ fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
         )
     };
     if rc != 0 {
-        return Err(step("clear the ambient capabilities")(nix::errno::Errno::last()));
+        return Err(step("clear the ambient capabilities")(
+            nix::errno::Errno::last(),
+        ));
     }
     nix::unistd::setgroups(&[]).map_err(step("drop the supplementary groups"))?;
     let gid = Gid::from_raw(config.gid);
@@ -190,13 +194,7 @@ fn clear_capabilities() -> Result<(), JailError> {
     }; 2];
     // SAFETY: capset reads one header and two data structs (version 3), both live locals of
     // the kernel's layout.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &header as *const Header,
-            data.as_ptr(),
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
     if rc != 0 {
         return Err(step("clear the capability sets")(nix::errno::Errno::last()));
     }

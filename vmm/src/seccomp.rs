@@ -9,10 +9,11 @@
 //! `mount`, `ptrace` or `kill` of another process anywhere; `ioctl` only by request number (the
 //! vCPU thread's KVM calls, the event loop's `FIONBIO`); no executable memory (`mmap` and
 //! `mprotect` with `PROT_EXEC` are refused). Signals go only to husk-vmm's own threads (the
-//! vCPU kick, `abort`). A syscall outside a list kills the whole process with `SIGSYS`
-//! ([`SeccompMode::Kill`]), which the shim reports as a VMM failure; [`SeccompMode::Log`] lets
-//! it through and has the kernel log it (to find a missing entry), [`SeccompMode::Off`]
-//! installs nothing.
+//! vCPU kick, `abort`). A syscall outside a list ([`SeccompMode::Kill`]) traps into a handler
+//! that writes the thread kind and syscall number to the VMM's log and then lets the process
+//! die of `SIGSYS`, which the shim reports as a VMM failure; [`SeccompMode::Log`] lets it
+//! through and has the kernel log it (to find a missing entry), [`SeccompMode::Off`] installs
+//! nothing.
 
 use std::collections::BTreeMap;
 
@@ -161,10 +162,13 @@ fn rules(kind: ThreadKind, pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, 
             .map(|cmd| Ok(SeccompRule::new(vec![arg_eq(1, cmd as u64)?])?))
             .collect::<Result<Vec<_>, SeccompError>>()?,
     );
-    // abort() resets SIGABRT's handler before raising it.
+    // abort() resets SIGABRT's handler before raising it; the SIGSYS handler resets its own.
     rules.insert(
         libc::SYS_rt_sigaction,
-        vec![SeccompRule::new(vec![arg_eq(0, libc::SIGABRT as u64)?])?],
+        vec![
+            SeccompRule::new(vec![arg_eq(0, libc::SIGABRT as u64)?])?,
+            SeccompRule::new(vec![arg_eq(0, libc::SIGSYS as u64)?])?,
+        ],
     );
     // vhost-user messages (the vCPU thread activates the virtio-fs device; the event loop
     // answers its backend) and vsock data: socket I/O on descriptors opened before.
@@ -226,7 +230,7 @@ pub fn program(
 ) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
-        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
     let filter = SeccompFilter::new(
@@ -242,14 +246,95 @@ pub fn program(
     Ok(Some(program))
 }
 
+thread_local! {
+    /// The calling thread's kind, for the SIGSYS handler's message.
+    static KIND: std::cell::Cell<&'static str> = const { std::cell::Cell::new("unfiltered") };
+}
+
 /// Installs `program` (from [`program`]) on the calling thread.
 pub fn install(kind: ThreadKind, program: Option<&BpfProgram>) -> Result<(), SeccompError> {
+    KIND.with(|k| {
+        k.set(match kind {
+            ThreadKind::Main => "main",
+            ThreadKind::Events => "event loop",
+            ThreadKind::Vcpu => "vCPU",
+        })
+    });
     match program {
         Some(program) => {
             seccompiler::apply_filter(program).map_err(|e| SeccompError::Filter(kind, e))
         }
         None => Ok(()),
     }
+}
+
+/// Installs the handler of the filters' trap: it writes which thread made which syscall to
+/// stderr (the VMM's log), then the process dies of SIGSYS. Call before any filter.
+pub fn install_sigsys_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Offset of `si_syscall` in a SIGSYS `siginfo_t` (x86_64: after the three ints, the padding
+/// and `si_call_addr`).
+const SI_SYSCALL_OFFSET: usize = 24;
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS (SA_SIGINFO), whose `_sigsys`
+    // member holds the syscall number as an int at SI_SYSCALL_OFFSET.
+    let nr =
+        unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) };
+    let kind = KIND.with(|k| k.get());
+    let mut msg = [0u8; 160];
+    let mut len = 0;
+    for part in [
+        "husk-vmm: seccomp: the ".as_bytes(),
+        kind.as_bytes(),
+        b" thread made syscall ",
+    ] {
+        msg[len..len + part.len()].copy_from_slice(part);
+        len += part.len();
+    }
+    len += write_decimal(&mut msg[len..], i64::from(nr));
+    let tail = b", which its filter forbids; the VMM stops (SIGSYS)\n";
+    msg[len..len + tail.len()].copy_from_slice(tail);
+    len += tail.len();
+    // SAFETY: write, signal and tgkill are async-signal-safe and allowed by every filter;
+    // `msg` is a live local buffer of at least `len` bytes.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, msg.as_ptr().cast(), len);
+        // The default action, then a SIGSYS that is delivered once this handler returns.
+        libc::signal(libc::SIGSYS, libc::SIG_DFL);
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::syscall(libc::SYS_gettid),
+            libc::SIGSYS,
+        );
+    }
+}
+
+/// Writes `value` in decimal at the start of `out` without allocating; returns its length.
+fn write_decimal(out: &mut [u8], value: i64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = value.unsigned_abs();
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut len = 0;
+    if value < 0 {
+        out[0] = b'-';
+        len = 1;
+    }
+    let body = &digits[i..];
+    out[len..len + body.len()].copy_from_slice(body);
+    len + body.len()
 }
 
 /// A syscall none of the filters allows, for `--seccomp-selftest`: the test that proves a
@@ -301,14 +386,26 @@ mod tests {
         assert!(events.contains_key(&libc::SYS_accept4));
     }
 
+    #[test]
+    fn decimals_without_allocation() {
+        let mut out = [0u8; 24];
+        let n = write_decimal(&mut out, 39);
+        assert_eq!(&out[..n], b"39");
+        let n = write_decimal(&mut out, -1);
+        assert_eq!(&out[..n], b"-1");
+        let n = write_decimal(&mut out, 0);
+        assert_eq!(&out[..n], b"0");
+    }
+
     /// A filter really kills: a child process installs the vCPU filter and calls a syscall
-    /// outside it.
+    /// outside it; it dies of SIGSYS after saying which syscall.
     #[test]
     fn a_forbidden_syscall_kills_with_sigsys() {
         let prog = program(ThreadKind::Vcpu, SeccompMode::Kill, std::process::id()).unwrap();
         // SAFETY: the child only installs the filter and makes raw syscalls before _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
+                let _ = install_sigsys_handler();
                 let code = match install(ThreadKind::Vcpu, prog.as_ref()) {
                     Ok(()) => {
                         forbidden_syscall();

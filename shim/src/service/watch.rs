@@ -68,7 +68,11 @@ impl Service {
                 }
             };
             if let Some(mut relay) = relay {
-                let idle = if lost { DRAIN_AFTER_LOSS } else { DRAIN_IDLE_LIMIT };
+                let idle = if lost {
+                    DRAIN_AFTER_LOSS
+                } else {
+                    DRAIN_IDLE_LIMIT
+                };
                 if !relay.drained(idle).await && !lost {
                     warn!(container = %id, exec = %exec_id,
                         "the guest kept an output stream open after the exit; reporting the exit");

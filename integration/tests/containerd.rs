@@ -714,8 +714,35 @@ fn the_vmm_is_jailed_and_no_annotation_reaches_a_command_line() {
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
             assert_ne!(theirs, ours, "husk-vmm shares the host's {ns} namespace");
         }
-        let virtiofsd = program("virtiofsd");
-        assert_eq!(status_field(virtiofsd, None, "Seccomp"), ["2"], "virtiofsd");
+        // virtiofsd's namespace sandbox forks: the parent waits, the child serves under
+        // seccomp. The serving one must have a filter on every thread.
+        let filtered: Vec<(i32, Vec<Vec<String>>)> = processes
+            .iter()
+            .filter(|p| {
+                p.cmdline
+                    .split(' ')
+                    .next()
+                    .is_some_and(|a| a.ends_with("virtiofsd"))
+            })
+            .map(|p| {
+                let tasks = std::fs::read_dir(format!("/proc/{}/task", p.pid))
+                    .map(|d| {
+                        d.map(|t| {
+                            let t = t.unwrap().file_name().to_string_lossy().into_owned();
+                            status_field(p.pid, Some(&t), "Seccomp")
+                        })
+                        .collect()
+                    })
+                    .unwrap_or_default();
+                (p.pid, tasks)
+            })
+            .collect();
+        assert!(
+            filtered
+                .iter()
+                .any(|(_, tasks)| !tasks.is_empty() && tasks.iter().all(|s| s == &["2"])),
+            "no virtiofsd with a seccomp filter on every thread: {filtered:?}"
+        );
     }
 
     let out = c.ctr(&[

@@ -27,7 +27,7 @@ pub use containers::{
     STDIO_OPEN_LIMIT, STDIO_VSOCK_PORT,
 };
 pub use endpoint::{GuestStream, VsockEndpoint};
-pub use handshake::HandshakeError;
+pub use handshake::{parse_reply as parse_handshake_reply, HandshakeError};
 pub use husk_agent_api::agent::{CreateSandboxRequest, ShareSource, StdioConfig};
 pub use husk_agent_api::stdio::{StreamHeader, StreamKind};
 /// The agent's guest port, for [`AgentClient::connect`].

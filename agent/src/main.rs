@@ -16,6 +16,7 @@ mod cgroup;
 mod container;
 mod init;
 mod mount;
+mod peer;
 mod process;
 mod reaper;
 mod rpc;

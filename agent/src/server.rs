@@ -1,6 +1,7 @@
 //! The ttrpc server: where it listens and how it stops.
 //!
-//! In the guest it listens on vsock port 1024 for any CID; on a host (development, tests)
+//! In the guest it listens on vsock port 1024 for any CID and serves only the host's CID
+//! (`peer`); on a host (development, tests)
 //! on a Unix socket. Stopping flushes replies already produced (the `Shutdown` reply) before
 //! the caller acts on them.
 
@@ -144,6 +145,7 @@ impl AgentServer {
                 addr: addr.clone(),
                 source,
             })?
+            .set_accept_hook(crate::peer::HostOnly)
             .register_service(husk_agent_api::create_health(Arc::new(HealthService)))
             .register_service(husk_agent_api::create_agent(Arc::new(AgentService::new(
                 shutdown, containers,

@@ -6,6 +6,14 @@
 //! the cgroup path, drops hooks (they would run guest binaries as PID 1's children outside
 //! the container) and handles the terminal itself (`process.terminal` becomes false; the
 //! agent gives the process a pty it made).
+//!
+//! It also refuses what husk itself never sends, so that nothing in a spec can turn a
+//! container against the guest's agent or devices: a namespace `path` (the shim drops host
+//! paths; joining another guest namespace by path could put a container into the agent's),
+//! a container without its own PID and mount namespaces (it would see and could kill the
+//! agent, PID 1), mount types outside the ones a container runtime uses (no block or network
+//! file systems, no second virtio-fs mount of the share), and device nodes outside the
+//! harmless character devices (no `/dev/mem`, no disks, no vsock).
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +46,89 @@ pub enum SpecError {
     /// A mount path is not allowed
     #[error("Mount {0:?} is not allowed")]
     Mount(String, #[source] Option<SafePathError>),
+    /// A mount of a file system type containers do not get
+    #[error("Mount {0:?} has type {1:?}; allowed: {types}", types = MOUNT_TYPES.join(", "))]
+    MountType(String, String),
+    /// A namespace is joined by path
+    #[error("Namespace {0} names a path ({1:?}): joining namespaces by path is not supported in the guest")]
+    NamespacePath(String, String),
+    /// A namespace every container must have of its own is missing
+    #[error("The container has no {0} namespace of its own: it would share the agent's")]
+    NamespaceMissing(&'static str),
+    /// A device node that containers do not get
+    #[error("Device {0:?} ({1} {2}:{3}) is not allowed in a husk guest")]
+    Device(String, String, i64, i64),
+}
+
+/// File system types a container may mount (what runc specs and Kubernetes use); `bind`
+/// mounts are checked separately and may only come from the share or the sandbox directory.
+pub const MOUNT_TYPES: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2", "bind", "none",
+];
+
+/// Character devices a container may have as nodes (major, minor): null, zero, full,
+/// random, urandom, tty, console, ptmx, net/tun and fuse. Everything else (block devices,
+/// memory devices, vsock, the guest's console and disks) stays out.
+const ALLOWED_DEVICES: &[(i64, i64)] = &[
+    (1, 3),
+    (1, 5),
+    (1, 7),
+    (1, 8),
+    (1, 9),
+    (5, 0),
+    (5, 1),
+    (5, 2),
+    (10, 200),
+    (10, 229),
+];
+
+/// The checks of the module documentation on namespaces, mount types and devices.
+fn check_guest_resources(spec: &Spec) -> Result<(), SpecError> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let linux = spec.linux().as_ref().ok_or(SpecError::NoLinux)?;
+    let namespaces = linux.namespaces().as_deref().unwrap_or_default();
+    for ns in namespaces {
+        if let Some(path) = ns.path().as_ref().filter(|p| !p.as_os_str().is_empty()) {
+            return Err(SpecError::NamespacePath(
+                format!("{:?}", ns.typ()).to_lowercase(),
+                path.display().to_string(),
+            ));
+        }
+    }
+    for (typ, name) in [
+        (LinuxNamespaceType::Pid, "pid"),
+        (LinuxNamespaceType::Mount, "mount"),
+    ] {
+        if !namespaces.iter().any(|ns| ns.typ() == typ) {
+            return Err(SpecError::NamespaceMissing(name));
+        }
+    }
+    for m in spec.mounts().as_deref().unwrap_or_default() {
+        if let Some(typ) = m.typ().as_deref().filter(|t| !t.is_empty()) {
+            if !MOUNT_TYPES.contains(&typ) {
+                return Err(SpecError::MountType(
+                    m.destination().display().to_string(),
+                    typ.to_owned(),
+                ));
+            }
+        }
+    }
+    for d in linux.devices().as_deref().unwrap_or_default() {
+        let typ = d.typ();
+        let char_dev = matches!(
+            typ,
+            oci_spec::runtime::LinuxDeviceType::C | oci_spec::runtime::LinuxDeviceType::U
+        );
+        if !char_dev || !ALLOWED_DEVICES.contains(&(d.major(), d.minor())) {
+            return Err(SpecError::Device(
+                d.path().display().to_string(),
+                format!("{typ:?}").to_lowercase(),
+                d.major(),
+                d.minor(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses a process object (for exec) and checks it has args.
@@ -115,6 +206,7 @@ pub fn prepare(
             }
         }
     }
+    check_guest_resources(&spec)?;
     spec.set_hooks(None);
     let linux = spec.linux_mut().as_mut().ok_or(SpecError::NoLinux)?;
     linux.set_cgroups_path(Some(cgroups_path.to_owned()));
@@ -132,9 +224,75 @@ mod tests {
             "process": {"args": ["sh"], "cwd": "/", "terminal": true, "user": {"uid": 0, "gid": 0}},
             "root": {"path": "/anything", "readonly": true},
             "mounts": mounts,
-            "linux": {"cgroupsPath": "/evil"},
+            "linux": {"cgroupsPath": "/evil", "namespaces": [{"type": "pid"}, {"type": "mount"}]},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn namespace_paths_shared_pid_or_mount_namespaces_odd_mounts_and_devices_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path();
+        std::fs::create_dir_all(share.join("c1/rootfs")).unwrap();
+        let cg = Path::new("/husk/c1");
+        let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&spec_json(serde_json::json!([]))).unwrap();
+            edit(&mut v);
+            prepare("c1", &serde_json::to_vec(&v).unwrap(), share, cg)
+        };
+        with(&|_| {}).unwrap();
+        // Joining the agent's namespaces by path, or having none of one's own.
+        let r = with(
+            &|v| v["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"}]),
+        );
+        assert!(
+            matches!(r, Err(SpecError::NamespacePath(ref t, _)) if t == "network"),
+            "{r:?}"
+        );
+        let r = with(&|v| v["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}]));
+        assert!(
+            matches!(r, Err(SpecError::NamespaceMissing("pid"))),
+            "{r:?}"
+        );
+        let r = with(&|v| v["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}]));
+        assert!(
+            matches!(r, Err(SpecError::NamespaceMissing("mount"))),
+            "{r:?}"
+        );
+        // A disk, the share again, a network file system.
+        for (typ, source) in [
+            ("ext4", "/dev/vda"),
+            ("virtiofs", "husk"),
+            ("nfs", "10.0.0.1:/x"),
+            ("overlay", "overlay"),
+        ] {
+            let r = with(&|v| {
+                v["mounts"] =
+                    serde_json::json!([{"destination": "/x", "type": typ, "source": source}])
+            });
+            assert!(
+                matches!(r, Err(SpecError::MountType(_, ref t)) if t == typ),
+                "{typ}: {r:?}"
+            );
+        }
+        // /dev/mem, a block device, /dev/vsock; /dev/fuse and /dev/null are fine.
+        for (typ, major, minor) in [("c", 1, 1), ("b", 254, 0), ("c", 10, 121)] {
+            let r = with(
+                &|v| v["linux"]["devices"] = serde_json::json!([{"path": "/dev/x", "type": typ, "major": major, "minor": minor}]),
+            );
+            assert!(
+                matches!(r, Err(SpecError::Device(..))),
+                "{typ} {major}:{minor}: {r:?}"
+            );
+        }
+        with(&|v| {
+            v["linux"]["devices"] = serde_json::json!([
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                {"path": "/dev/null", "type": "c", "major": 1, "minor": 3},
+            ])
+        })
+        .unwrap();
     }
 
     #[test]

@@ -206,6 +206,11 @@ async fn accept_loop(listener: AsyncFd<OwnedFd>, hub: Arc<StdioHub>) {
             Ok(raw) => {
                 // SAFETY: accept4 returned a new descriptor that nobody else owns.
                 let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                // Only the host may open stdio streams (a container could otherwise take
+                // another container's stdio over vsock loopback); dropping `owned` closes.
+                if crate::peer::check(owned.as_raw_fd()).is_err() {
+                    continue;
+                }
                 // A connected stream socket; tokio only reads, writes and shuts it down.
                 let std_stream = std::os::unix::net::UnixStream::from(owned);
                 match UnixStream::from_std(std_stream) {

@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use husk_agent_api::agent;
 use husk_vmm::devices::virtio::mmio::MmioTransport;
 use husk_vmm::devices::virtio::vsock::packet::{PacketHeader, VsockHeader};
 use husk_vmm::devices::virtio::vsock::VsockDevice;
 use husk_vmm::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use husk_vmm::devices::BusDevice;
+use protobuf::Message;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,12 +41,27 @@ mod reg {
     pub const QUEUE_USED_LOW: u64 = 0xa0;
 }
 
-/// The hybrid vsock socket of this process's devices (a new device rebinds it).
+/// The hybrid vsock socket of this process's devices (a new device rebinds it). On tmpfs
+/// where there is one: binding a socket on ext4 costs more than the rest of an execution.
 fn uds() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("husk-fuzz-{}", std::process::id()));
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("husk-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("fuzz temp dir");
+        extern "C" fn remove_dir() {
+            if let Some(dir) = DIR.get() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        // SAFETY: registers a plain function without arguments; libFuzzer leaves through
+        // exit(), which runs it, so no socket directory outlives the fuzzer.
+        unsafe { libc::atexit(remove_dir) };
         dir
     })
     .join("v.sock")
@@ -111,7 +128,9 @@ impl Rig {
                 self.transport.read(offset & !3, &mut data);
             }
             // Odd sizes and alignments: refused, never a panic.
-            2 => self.transport.write(offset, &value.to_le_bytes()[..(op[0] as usize % 3) + 1]),
+            2 => self
+                .transport
+                .write(offset, &value.to_le_bytes()[..(op[0] as usize % 3) + 1]),
             _ => {
                 // A queue notification, then what the event loop would do.
                 self.write(reg::QUEUE_NOTIFY, value % 3);
@@ -162,8 +181,9 @@ pub fn mmio_registers(data: &[u8]) {
 }
 
 /// What the host parses of the guest's answers: the hybrid vsock handshake reply line, a
-/// vsock packet header checked as a tx packet, and the agent's stdio-stream answer and
-/// stream header.
+/// vsock packet header checked as a tx packet, the agent's stdio-stream answer and stream
+/// header, a ttrpc response frame and every agent reply message the shim reads, with the
+/// shim's conversion of container stats into containerd's metrics.
 pub fn guest_replies(data: &[u8]) {
     let _ = husk_shim::agent::parse_handshake_reply(data);
     let size = std::mem::size_of::<VsockHeader>();
@@ -173,6 +193,85 @@ pub fn guest_replies(data: &[u8]) {
         let _ = PacketHeader::from(raw).validate_tx(u64::from(GUEST_CID), data.len() - size);
     }
     let _ = husk_agent_api::stdio::StreamHeader::decode(data);
+    let Some((header, payload)) = ttrpc_frame(data) else {
+        return;
+    };
+    let Ok(response) = ttrpc::Response::parse_from_bytes(payload) else {
+        return;
+    };
+    let reply = &response.payload;
+    // The reply type follows the request the shim sent; the frame's flags pick one here.
+    match header.flags % 8 {
+        0 => drop(agent::CheckResponse::parse_from_bytes(reply)),
+        1 => drop(agent::VersionResponse::parse_from_bytes(reply)),
+        2 => drop(agent::GetGuestDetailsResponse::parse_from_bytes(reply)),
+        3 => drop(agent::CreateContainerResponse::parse_from_bytes(reply)),
+        4 => drop(agent::WaitProcessResponse::parse_from_bytes(reply)),
+        5 => drop(agent::ListProcessesResponse::parse_from_bytes(reply)),
+        6 => {
+            if let Ok(stats) = agent::StatsContainerResponse::parse_from_bytes(reply) {
+                let _ = husk_shim::task::metrics(&stats);
+            }
+        }
+        _ => drop(agent::GetOOMEventResponse::parse_from_bytes(reply)),
+    }
+}
+
+/// A ttrpc frame: the 10-byte header, then a payload no longer than the header says and
+/// within ttrpc's size limit (what both ends check before decoding).
+fn ttrpc_frame(data: &[u8]) -> Option<(ttrpc::MessageHeader, &[u8])> {
+    const HEADER: usize = 10;
+    if data.len() < HEADER {
+        return None;
+    }
+    let header = ttrpc::MessageHeader::from(&data[..HEADER]);
+    let payload = &data[HEADER..];
+    let length = usize::try_from(header.length).ok()?;
+    if length > payload.len() || length > ttrpc::proto::MESSAGE_LENGTH_MAX {
+        return None;
+    }
+    Some((header, &payload[..length]))
+}
+
+/// What the agent decodes of the host's requests before any handler runs: a ttrpc request
+/// frame, the request envelope, the method's request message (picked by the method name, as
+/// the server does), and the OCI JSON the container and exec requests carry. A container in
+/// the guest must not be able to reach this (the agent accepts the host's CID only), but the
+/// decoding must still hold against any bytes.
+pub fn agent_requests(data: &[u8]) {
+    let Some((_, payload)) = ttrpc_frame(data) else {
+        return;
+    };
+    let Ok(request) = ttrpc::Request::parse_from_bytes(payload) else {
+        return;
+    };
+    let body = &request.payload;
+    match request.method.as_str() {
+        "CreateContainer" => {
+            if let Ok(req) = agent::CreateContainerRequest::parse_from_bytes(body) {
+                let _ = serde_json::from_slice::<oci_spec::runtime::Spec>(&req.oci_spec_json);
+            }
+        }
+        "ExecProcess" => {
+            if let Ok(req) = agent::ExecProcessRequest::parse_from_bytes(body) {
+                let _ = serde_json::from_slice::<oci_spec::runtime::Process>(&req.oci_process_json);
+            }
+        }
+        "UpdateContainer" => {
+            if let Ok(req) = agent::UpdateContainerRequest::parse_from_bytes(body) {
+                let _ = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(
+                    &req.oci_resources_json,
+                );
+            }
+        }
+        "CreateSandbox" => drop(agent::CreateSandboxRequest::parse_from_bytes(body)),
+        "SignalProcess" => drop(agent::SignalProcessRequest::parse_from_bytes(body)),
+        "WaitProcess" => drop(agent::WaitProcessRequest::parse_from_bytes(body)),
+        "TtyWinResize" => drop(agent::TtyWinResizeRequest::parse_from_bytes(body)),
+        "CloseStdin" => drop(agent::CloseStdinRequest::parse_from_bytes(body)),
+        "RemoveContainer" => drop(agent::RemoveContainerRequest::parse_from_bytes(body)),
+        _ => drop(agent::StartContainerRequest::parse_from_bytes(body)),
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +286,7 @@ mod tests {
             ("vsock_device", vsock_device as fn(&[u8])),
             ("mmio_registers", mmio_registers),
             ("guest_replies", guest_replies),
+            ("agent_requests", agent_requests),
         ] {
             let dir = root.join(target);
             let seeds: Vec<_> = std::fs::read_dir(&dir)

@@ -326,6 +326,22 @@ fn bad_requests_are_refused_and_oom_is_reported() {
                 {"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]}));
             expect(c.create_container("c1", serde_json::to_vec(&s).unwrap(), none.clone()).await, Code::INVALID_ARGUMENT, src);
         }
+        // What husk never sends: a namespace joined by path (the agent's own), no PID
+        // namespace of its own, a disk or a second share mount, /dev/mem and a disk node.
+        type Edit = fn(&mut serde_json::Value);
+        let edits: [(&str, Edit); 6] = [
+            ("netns path", |s| s["linux"]["namespaces"].as_array_mut().unwrap().push(serde_json::json!({"type": "network", "path": "/proc/1/ns/net"}))),
+            ("no pid namespace", |s| s["linux"]["namespaces"] = serde_json::json!([{"type": "mount"}])),
+            ("ext4 mount", |s| s["mounts"].as_array_mut().unwrap().push(serde_json::json!({"destination": "/disk", "type": "ext4", "source": "/dev/vda"}))),
+            ("virtiofs mount", |s| s["mounts"].as_array_mut().unwrap().push(serde_json::json!({"destination": "/share", "type": "virtiofs", "source": "husk"}))),
+            ("/dev/mem", |s| s["linux"]["devices"] = serde_json::json!([{"path": "/dev/mem", "type": "c", "major": 1, "minor": 1}])),
+            ("block device", |s| s["linux"]["devices"] = serde_json::json!([{"path": "/dev/vda", "type": "b", "major": 254, "minor": 0}])),
+        ];
+        for (what, edit) in edits {
+            let mut s = spec(&["true"]);
+            edit(&mut s);
+            expect(c.create_container("c1", serde_json::to_vec(&s).unwrap(), none.clone()).await, Code::INVALID_ARGUMENT, what);
+        }
         // Declared streams that never come: a typed error after the bound, nothing left.
         let io = StdioConfig { stdout: true, ..Default::default() };
         expect(c.create_container("c1", ok.clone(), io).await, Code::DEADLINE_EXCEEDED, "no streams");
@@ -372,6 +388,24 @@ fn bad_requests_are_refused_and_oom_is_reported() {
         let stats = c.stats_container("c2").await.expect("stats c2");
         assert!(stats.memory.as_ref().unwrap().oom_kill_count >= 1);
         c.remove_container("c2", false).await.expect("remove c2");
+
+        // A container's process talks to the agent over vsock loopback (its own CID and the
+        // local one, both agent ports): the agent must not serve it. Without the peer check
+        // the Health.Check on port 1024 is answered.
+        let probe = husk_integration::required_path("HUSK_FS_PROBE");
+        std::fs::copy(&probe, pod.share.path().join("vol/husk-fs-probe")).expect("copy the probe into the share");
+        let mut s = spec(&["/mnt/husk-fs-probe"]);
+        s["process"]["env"].as_array_mut().unwrap().push(serde_json::json!("probe_mode=vsock"));
+        s["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+            {"destination": "/mnt", "type": "bind", "source": "/run/husk/shared/vol", "options": ["rbind", "ro"]}));
+        let o = pod.run("c3", &s, None).await;
+        let out = String::from_utf8_lossy(&o.stdout);
+        let attempts: Vec<&str> = out.lines().filter(|l| l.starts_with("PROBE VSOCK")).collect();
+        assert_eq!(attempts.len(), 4, "probe output: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+        for line in attempts {
+            assert!(!line.contains("answered"), "a container reached the agent: {line}");
+        }
+        c.check().await.expect("Health.Check from the host after the container's attempts");
         pod.shutdown().await;
     });
 }

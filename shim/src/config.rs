@@ -153,7 +153,17 @@ pub struct Config {
     pub vmm_gid: u32,
     /// husk-vmm's per-thread seccomp filters.
     pub vmm_seccomp: SeccompMode,
+    /// The file this configuration was read from when containerd's runtime options or
+    /// `HUSK_CONFIG` named one (not a key of the file): `delete` of a dead shim must clean up
+    /// in the same state directory, so the shim notes it in each bundle
+    /// ([`CONFIG_PATH_FILE`]).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
+
+/// The file in a container's bundle naming the configuration its pod was started with (only
+/// when that is not the default path); `containerd-shim-husk-v2 delete` reads it.
+pub const CONFIG_PATH_FILE: &str = "husk-config-path";
 
 /// What husk-vmm's seccomp filters do with a syscall outside them (`--seccomp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -198,6 +208,7 @@ impl Default for Config {
             vmm_uid: 65534,
             vmm_gid: 65534,
             vmm_seccomp: SeccompMode::Kill,
+            source: None,
         }
     }
 }

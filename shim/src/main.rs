@@ -17,6 +17,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,7 +33,7 @@ use containerd_shim_protos::ttrpc::r#async::Server;
 use containerd_shim_protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 use husk_agent_api::stdio::valid_id;
 use husk_shim::events::{self, Events};
-use husk_shim::service::{load_config, Service};
+use husk_shim::service::{load_config, load_config_from, Service};
 use husk_shim::spec;
 use husk_shim::task::HuskTask;
 use tracing::{error, info, warn};
@@ -258,7 +259,13 @@ fn signal_started() -> Result<()> {
 /// directory for the pod's sandbox container (the VM died with the shim: PR_SET_PDEATHSIG).
 async fn delete(flags: &Flags) -> Result<()> {
     let pod = grouping(flags)?;
-    let state_dir = load_config(None)
+    // The configuration the pod ran with: the one its Create noted in the bundle (the
+    // current directory), else the default path or HUSK_CONFIG.
+    let config = match std::fs::read(husk_shim::config::CONFIG_PATH_FILE) {
+        Ok(path) => load_config_from(Path::new(std::ffi::OsStr::from_bytes(&path))),
+        Err(_) => load_config(None),
+    };
+    let state_dir = config
         .map(|c| c.state_dir)
         .unwrap_or_else(|_| PathBuf::from("/run/husk"));
     let pod_dir = state_dir.join(&pod);

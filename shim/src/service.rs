@@ -82,13 +82,24 @@ pub fn load_config(options: Option<&Any>) -> Result<Config, TaskError> {
         .map(PathBuf::from);
     let explicit = from_options.is_some() || env.is_some();
     let path = config::choose_config_path(from_options, env);
-    let mut config = if !explicit && !path.exists() {
+    if !explicit && !path.exists() {
         info!(path = %path.display(), "no husk configuration; using the defaults");
-        Config::default()
-    } else {
-        Config::load(&path)?
-    };
+        let mut config = Config::default();
+        config.state_dir = config::resolve_state_dir(&config.state_dir)?;
+        return Ok(config);
+    }
+    let mut config = load_config_from(&path)?;
+    if !explicit {
+        config.source = None;
+    }
+    Ok(config)
+}
+
+/// Loads the configuration file `path` (its state directory resolved), remembering the path.
+pub fn load_config_from(path: &Path) -> Result<Config, TaskError> {
+    let mut config = Config::load(path)?;
     config.state_dir = config::resolve_state_dir(&config.state_dir)?;
+    config.source = Some(path.to_owned());
     Ok(config)
 }
 
@@ -158,6 +169,13 @@ impl Service {
         let spec = spec::parse(&bytes)?;
         let membership = spec::pod_membership(id, &spec)?;
         let (sandbox, config, booted) = self.pod_for(id, &membership, req, &spec).await?;
+        if let Some(source) = &config.source {
+            // For `delete` after a crash, which gets no runtime options (see CONFIG_PATH_FILE).
+            let note = bundle.join(config::CONFIG_PATH_FILE);
+            if let Err(e) = std::fs::write(&note, source.as_os_str().as_encoded_bytes()) {
+                warn!(path = %note.display(), error = %e, "cannot note the configuration path");
+            }
+        }
         match self
             .create_in(&sandbox, &config, req, spec, membership.is_sandbox)
             .await

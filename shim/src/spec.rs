@@ -9,7 +9,10 @@
 //!   (`<container-id>/mounts/<n>`), which the shim bind mounts on the host side;
 //! * namespace `path`s name host namespaces (CRI's network namespace, the pause container's
 //!   `/proc/<pid>/ns/*`) that mean nothing in the guest: those entries are dropped, so the
-//!   container shares the guest's (the pod's) namespace of that type;
+//!   container shares the guest's (the pod's) namespace of that type — except PID and mount
+//!   namespaces, which in the guest are the agent's: those become namespaces of the
+//!   container's own (`shareProcessNamespace` is not honoured yet), and the agent refuses a
+//!   container without them;
 //! * annotations are kept only if the configuration allow-lists them.
 
 use std::path::{Path, PathBuf};
@@ -195,10 +198,26 @@ pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBi
         .and_then(|l| l.get_mut("namespaces"))
         .and_then(Value::as_array_mut)
     {
-        namespaces.retain(|ns| {
-            ns.get("path")
+        namespaces.retain_mut(|ns| {
+            let has_path = ns
+                .get("path")
                 .and_then(Value::as_str)
-                .is_none_or(str::is_empty)
+                .is_some_and(|p| !p.is_empty());
+            if !has_path {
+                return true;
+            }
+            // The guest's root PID and mount namespaces are the agent's: a container never
+            // joins them, so a host path for these becomes a namespace of its own.
+            let own = matches!(
+                ns.get("type").and_then(Value::as_str),
+                Some("pid" | "mount")
+            );
+            if own {
+                if let Some(ns) = ns.as_object_mut() {
+                    ns.remove("path");
+                }
+            }
+            own
         });
     }
 
@@ -312,6 +331,18 @@ mod tests {
         assert_eq!(
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "mount", "path": ""}])
+        );
+        // A pod's shared PID namespace (the pause container's) never becomes the guest's
+        // root one, where the agent runs: the container gets a PID namespace of its own.
+        let mut spec = json!({"linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/42/ns/pid"},
+            {"type": "mount", "path": "/proc/42/ns/mnt"},
+            {"type": "uts", "path": "/proc/42/ns/uts"},
+        ]}});
+        rewrite(&mut spec, "c", &config(&[])).unwrap();
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount"}])
         );
     }
 

@@ -83,3 +83,50 @@ fn delete_cleans_a_dead_pod_and_reports_it_killed() {
     assert!(!state.join("pod1").exists(), "the pod directory is left");
     assert!(state.exists(), "the state directory itself must stay");
 }
+
+#[test]
+fn delete_uses_the_configuration_its_create_noted_in_the_bundle() {
+    // containerd runs `delete` without the runtime options that named the configuration
+    // (ConfigPath): Create noted the path in the bundle, and delete must follow it to the
+    // pod's state directory rather than clean the default one.
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir_all(state.join("pod2/mounts/pod2/rootfs")).unwrap();
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), "{}").unwrap();
+    let config = tmp.path().join("custom.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", state.display().to_string()),
+    )
+    .unwrap();
+    std::fs::write(
+        bundle.join(husk_shim::config::CONFIG_PATH_FILE),
+        config.display().to_string(),
+    )
+    .unwrap();
+    let out = Command::new(SHIM)
+        .args([
+            "-namespace",
+            "default",
+            "-id",
+            "pod2",
+            "-address",
+            "/x.sock",
+            "delete",
+        ])
+        .current_dir(&bundle)
+        .env_remove("HUSK_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !state.join("pod2").exists(),
+        "the noted state directory was not cleaned"
+    );
+}

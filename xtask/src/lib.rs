@@ -8,6 +8,7 @@ pub mod boot_check;
 pub mod cache;
 pub mod cpio;
 pub mod demo;
+pub mod fuzz;
 pub mod guest;
 pub mod image;
 pub mod install;

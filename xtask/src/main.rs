@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{bench, boot_check, demo, guest, image, install, lab, setup, soak, test};
+use xtask::{bench, boot_check, demo, fuzz, guest, image, install, lab, setup, soak, test};
 
 /// husk's build, lab, test and benchmark orchestration.
 #[derive(Debug, Parser)]
@@ -44,6 +44,9 @@ enum Cmd {
     /// Run one workload again and again: `soak vsock-stress|bulk|container-cycles|test:<name> --runs N`
     /// (ends `N passed, M failed`).
     Soak(soak::Args),
+    /// Coverage-guided fuzzing of the guest-facing parsers (`fuzz/`), on the stable toolchain:
+    /// `fuzz [TARGET...] [--seconds S | --runs N]` (30 s per target by default).
+    Fuzz(fuzz::Args),
     /// Inside the lab's L1 only: hold one idle KVM VM for the run (see lab/hold_kvm.rs).
     #[command(hide = true)]
     LabHoldKvm,
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
         Cmd::Soak(args) => soak::run(&args),
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::LabHoldKvm => lab::hold_kvm::run(),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Steps, each fatal on failure: setup (apt packages, musl target); `cargo fmt --check`;
 //! `cargo clippy --all-targets -D warnings`; the host tests of every crate (unit tests and
-//! tests that need no KVM); the release husk-vmm and the guest artifacts; then the component
+//! tests that need no KVM); a short run of every fuzz target (`fuzz`); the release husk-vmm and the guest artifacts; then the component
 //! tests of `husk-integration`, which boot real guests, and its end-to-end tests, which drive
 //! a real containerd with `ctr` (`HUSK_SHIM`, `HUSK_TEST_IMAGE`; with
 //! `HUSK_TEST_RUNTIME=io.containerd.runc.v2` they run on runc, to check the harness). Those
@@ -82,6 +82,13 @@ pub fn run(args: &Args) -> Result<()> {
         )?;
         cargo(&root, &["test", "-p", INTEGRATION_CRATE, "--lib"])
     })?;
+    step(
+        &format!(
+            "fuzz smoke ({} s per target, seed corpus first)",
+            crate::fuzz::SMOKE_SECONDS
+        ),
+        crate::fuzz::smoke,
+    )?;
     let parts = step("build husk-vmm (release) and the guest", build_parts)?;
     let test_rootfs = step("build the busybox rootfs of the container tests", || {
         guest::busybox_rootfs()
@@ -192,6 +199,10 @@ impl Parts {
             (
                 "HUSK_FS_PROBE_INITRD".into(),
                 self.fs_probe_initrd.display().to_string(),
+            ),
+            (
+                "HUSK_FS_PROBE".into(),
+                fs_probe_binary().display().to_string(),
             ),
             ("HUSK_SHIM".into(), self.shim.display().to_string()),
             (

@@ -12,6 +12,11 @@
 //! * `bench`: sequential read of `big` (1 MiB reads) and creation of 10,000 small files in a
 //!   fresh directory; prints `PROBE BENCH <name> bytes=<n> files=<n> ms=<elapsed>`.
 //! * `hold`: prints `PROBE MOUNTED`, then keeps touching the share until the VM is stopped.
+//! * `vsock` (in a container, not as PID 1): the attack of a container on the agent over vsock
+//!   loopback. For the local CID (1) and the guest's CID (3), on the agent's ttrpc port (a
+//!   `Health.Check` request) and its stdio port (a stream header), it connects, sends, waits
+//!   up to 5 s and prints `PROBE VSOCK cid=<c> port=<p> <outcome>`, where the outcome is
+//!   `answered <n> bytes`, `closed`, `timeout` or `refused <error>`.
 //!
 //! Every run ends with `PROBE DONE` or `PROBE ERROR <what>`; as PID 1 it then syncs and reboots
 //! (a triple fault under `reboot=t`, which husk-vmm reports as a clean exit).
@@ -142,7 +147,95 @@ fn hold(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// A ttrpc request frame calling `husk.agent.v1.Health/Check` with an empty request.
+fn health_check_frame() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, data: &[u8]) {
+        out.push(number << 3 | 2);
+        out.push(u8::try_from(data.len()).expect("short field"));
+        out.extend_from_slice(data);
+    }
+    let mut request = Vec::new();
+    field(&mut request, 1, b"husk.agent.v1.Health");
+    field(&mut request, 2, b"Check");
+    field(&mut request, 3, b"");
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&u32::try_from(request.len()).expect("short").to_be_bytes());
+    frame.extend_from_slice(&1u32.to_be_bytes()); // stream id
+    frame.extend_from_slice(&[1, 0]); // request, no flags
+    frame.extend_from_slice(&request);
+    frame
+}
+
+/// Connects to `cid:port` over vsock, sends `hello` and reports what came back.
+fn vsock_attempt(cid: u32, port: u32, hello: &[u8]) -> String {
+    // SAFETY: plain socket(2) call; the descriptor is owned by the File below.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return format!("refused socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    let mut sock = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: zeroed sockaddr_vm is valid; the fields are set below.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: `fd` is open; the pointers and lengths describe live values of the right types.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return format!("refused connect: {}", std::io::Error::last_os_error());
+    }
+    if let Err(e) = sock.write_all(hello) {
+        return format!("refused write: {e}");
+    }
+    let mut buf = [0u8; 4096];
+    match sock.read(&mut buf) {
+        Ok(0) => "closed".into(),
+        Ok(n) => format!("answered {n} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => "timeout".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "closed".into(),
+        Err(e) => format!("refused read: {e}"),
+    }
+}
+
+/// The `vsock` mode (see the module documentation).
+fn vsock_attack() -> Result<(), String> {
+    let stdio_header = [&b"HSKS"[..], &[0u8; 12]].concat();
+    for cid in [1u32, 3] {
+        for (port, hello) in [
+            (1024u32, health_check_frame()),
+            (1025, stdio_header.clone()),
+        ] {
+            say(&format!(
+                "PROBE VSOCK cid={cid} port={port} {}",
+                vsock_attempt(cid, port, &hello)
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn run(pid1: bool) -> Result<(), String> {
+    if std::env::var("probe_mode").as_deref() == Ok("vsock") {
+        return vsock_attack();
+    }
     let dir = if pid1 {
         let tag = std::env::var("probe_tag").unwrap_or_else(|_| "husk".into());
         let dir = PathBuf::from("/mnt");

@@ -44,44 +44,75 @@ fn unknown_actions_fail() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unknown action"));
 }
 
-#[test]
-fn delete_cleans_a_dead_pod_and_reports_it_killed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let bundle = tmp.path().join("bundle");
-    std::fs::create_dir_all(state.join("pod1/shared/pod1/rootfs")).unwrap();
-    std::fs::create_dir_all(&bundle).unwrap();
-    std::fs::write(bundle.join("config.json"), "{}").unwrap();
-    let config = tmp.path().join("husk.toml");
-    std::fs::write(
-        &config,
-        format!("state_dir = {:?}\n", state.display().to_string()),
-    )
-    .unwrap();
-    let out = Command::new(SHIM)
-        .args([
+/// A dead pod `pod`: its directory under `<tmp>/state`, a bundle holding an empty
+/// config.json, and a configuration file naming that state directory.
+struct DeadPod {
+    _tmp: tempfile::TempDir,
+    state: std::path::PathBuf,
+    bundle: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+impl DeadPod {
+    fn new(pod: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir_all(state.join(pod).join("mounts").join(pod).join("rootfs")).unwrap();
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(bundle.join("config.json"), "{}").unwrap();
+        let config = tmp.path().join("husk.toml");
+        std::fs::write(
+            &config,
+            format!("state_dir = {:?}\n", state.display().to_string()),
+        )
+        .unwrap();
+        Self {
+            _tmp: tmp,
+            state,
+            bundle,
+            config,
+        }
+    }
+
+    /// Runs `delete` for `pod` in the bundle, as containerd does, with `HUSK_CONFIG` if given.
+    fn delete(&self, pod: &str, husk_config: Option<&std::path::Path>) -> DeleteResponse {
+        let mut cmd = Command::new(SHIM);
+        cmd.args([
             "-namespace",
             "default",
             "-id",
-            "pod1",
+            pod,
             "-address",
             "/x.sock",
             "delete",
         ])
-        .current_dir(&bundle)
-        .env("HUSK_CONFIG", &config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let resp = DeleteResponse::parse_from_bytes(&out.stdout).unwrap();
+        .current_dir(&self.bundle)
+        .env_remove("HUSK_CONFIG");
+        if let Some(config) = husk_config {
+            cmd.env("HUSK_CONFIG", config);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        DeleteResponse::parse_from_bytes(&out.stdout).unwrap()
+    }
+}
+
+#[test]
+fn delete_cleans_a_dead_pod_and_reports_it_killed() {
+    let pod = DeadPod::new("pod1");
+    let resp = pod.delete("pod1", Some(&pod.config));
     assert_eq!(resp.exit_status, 137);
     assert!(resp.exited_at.seconds > 0);
-    assert!(!state.join("pod1").exists(), "the pod directory is left");
-    assert!(state.exists(), "the state directory itself must stay");
+    assert!(
+        !pod.state.join("pod1").exists(),
+        "the pod directory is left"
+    );
+    assert!(pod.state.exists(), "the state directory itself must stay");
 }
 
 #[test]
@@ -89,44 +120,15 @@ fn delete_uses_the_configuration_its_create_noted_in_the_bundle() {
     // containerd runs `delete` without the runtime options that named the configuration
     // (ConfigPath): Create noted the path in the bundle, and delete must follow it to the
     // pod's state directory rather than clean the default one.
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let bundle = tmp.path().join("bundle");
-    std::fs::create_dir_all(state.join("pod2/mounts/pod2/rootfs")).unwrap();
-    std::fs::create_dir_all(&bundle).unwrap();
-    std::fs::write(bundle.join("config.json"), "{}").unwrap();
-    let config = tmp.path().join("custom.toml");
+    let pod = DeadPod::new("pod2");
     std::fs::write(
-        &config,
-        format!("state_dir = {:?}\n", state.display().to_string()),
+        pod.bundle.join(husk_shim::config::CONFIG_PATH_FILE),
+        pod.config.display().to_string(),
     )
     .unwrap();
-    std::fs::write(
-        bundle.join(husk_shim::config::CONFIG_PATH_FILE),
-        config.display().to_string(),
-    )
-    .unwrap();
-    let out = Command::new(SHIM)
-        .args([
-            "-namespace",
-            "default",
-            "-id",
-            "pod2",
-            "-address",
-            "/x.sock",
-            "delete",
-        ])
-        .current_dir(&bundle)
-        .env_remove("HUSK_CONFIG")
-        .output()
-        .unwrap();
+    pod.delete("pod2", None);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !state.join("pod2").exists(),
+        !pod.state.join("pod2").exists(),
         "the noted state directory was not cleaned"
     );
 }

@@ -109,6 +109,7 @@ impl husk_agent_api::Agent for AgentService {
             memory_available_bytes: mem.available_bytes,
             online_cpus: sysinfo::read_online_cpus()?,
             agent_version: AGENT_VERSION.to_owned(),
+            mount_points: sysinfo::read_mount_points()?,
             ..Default::default()
         })
     }

@@ -1,4 +1,5 @@
-//! Reads the guest facts the host cannot see from outside (kernel release, memory, CPUs).
+//! Reads the guest facts the host cannot see from outside (kernel release, memory, CPUs,
+//! the agent's mount points).
 //!
 //! The parsers take text so they are unit-tested on fixed inputs; `read_*` do the I/O.
 
@@ -8,6 +9,10 @@ use std::path::Path;
 const MEMINFO_PATH: &str = "/proc/meminfo";
 /// The kernel's list of online CPUs, e.g. `0-3,6` (Documentation/ABI/testing/sysfs-devices-system-cpu).
 const CPU_ONLINE_PATH: &str = "/sys/devices/system/cpu/online";
+/// The agent's mount table.
+const MOUNTINFO_PATH: &str = "/proc/self/mountinfo";
+/// At most this many mount points are reported.
+pub const MAX_MOUNT_POINTS: usize = 1024;
 /// /proc/meminfo reports kibibytes.
 const KIB: u64 = 1024;
 
@@ -102,6 +107,23 @@ pub fn parse_cpu_list(text: &str) -> Result<u32, SysInfoError> {
     Ok(count)
 }
 
+/// The mount points (field 5) of /proc/<pid>/mountinfo text, at most [`MAX_MOUNT_POINTS`].
+pub fn parse_mount_points(text: &str) -> Result<Vec<String>, SysInfoError> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .take(MAX_MOUNT_POINTS)
+        .map(|line| {
+            line.split(' ')
+                .nth(4)
+                .map(str::to_owned)
+                .ok_or_else(|| SysInfoError::Format {
+                    path: MOUNTINFO_PATH,
+                    reason: format!("no mount point in {line:?}"),
+                })
+        })
+        .collect()
+}
+
 fn read(path: &'static str) -> Result<String, SysInfoError> {
     std::fs::read_to_string(Path::new(path)).map_err(|source| SysInfoError::Read { path, source })
 }
@@ -116,6 +138,11 @@ pub fn read_online_cpus() -> Result<u32, SysInfoError> {
     parse_cpu_list(&read(CPU_ONLINE_PATH)?)
 }
 
+/// Reads the mount points of the agent's mount namespace.
+pub fn read_mount_points() -> Result<Vec<String>, SysInfoError> {
+    parse_mount_points(&read(MOUNTINFO_PATH)?)
+}
+
 /// The running kernel's release string (`uname -r`).
 pub fn kernel_release() -> Result<String, SysInfoError> {
     let uts = nix::sys::utsname::uname().map_err(SysInfoError::Uname)?;
@@ -128,6 +155,20 @@ mod tests {
 
     const MEMINFO: &str = "MemTotal:        3014656 kB\nMemFree:         2900000 kB\n\
                            MemAvailable:    2950000 kB\nBuffers:               0 kB\n";
+
+    #[test]
+    fn mount_points_are_field_five_of_mountinfo() {
+        let text = "22 1 0:21 / / rw,relatime - rootfs rootfs rw\n\
+                    25 22 0:5 / /dev rw,nosuid - devtmpfs dev rw,size=4k\n\
+                    31 22 0:27 / /run/husk/shared rw - virtiofs husk rw\n";
+        assert_eq!(
+            parse_mount_points(text).unwrap(),
+            ["/", "/dev", "/run/husk/shared"]
+        );
+        assert!(parse_mount_points("22 1 0:21 /\n").is_err());
+        let many = "1 1 0:1 / /m rw - tmpfs t rw\n".repeat(MAX_MOUNT_POINTS + 5);
+        assert_eq!(parse_mount_points(&many).unwrap().len(), MAX_MOUNT_POINTS);
+    }
 
     #[test]
     fn meminfo_is_converted_to_bytes() {

@@ -11,8 +11,8 @@
 //!   `/proc/<pid>/ns/*`) that mean nothing in the guest: those entries are dropped, so the
 //!   container shares the guest's (the pod's) namespace of that type — except PID and mount
 //!   namespaces, which in the guest are the agent's: those become namespaces of the
-//!   container's own (`shareProcessNamespace` is not honoured yet), and the agent refuses a
-//!   container without them;
+//!   container's own (`shareProcessNamespace` is not honoured yet); a spec without them
+//!   (`hostPID`) gets them added, and the agent refuses a container without them;
 //! * annotations are kept only if the configuration allow-lists them.
 
 use std::path::{Path, PathBuf};
@@ -193,11 +193,13 @@ pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBi
         }
     }
 
-    if let Some(namespaces) = obj
-        .get_mut("linux")
-        .and_then(|l| l.get_mut("namespaces"))
-        .and_then(Value::as_array_mut)
-    {
+    if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
+        let namespaces = linux
+            .entry("namespaces")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        let namespaces = namespaces
+            .as_array_mut()
+            .ok_or(SpecError::Field("linux.namespaces"))?;
         namespaces.retain_mut(|ns| {
             let has_path = ns
                 .get("path")
@@ -219,6 +221,17 @@ pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBi
             }
             own
         });
+        // Without a PID or mount namespace runc would share the host's; in the guest that
+        // would be the agent's, so the container gets its own (a hostPID pod sees its pod's
+        // processes only, as under Kata).
+        for kind in ["pid", "mount"] {
+            if !namespaces
+                .iter()
+                .any(|ns| ns.get("type").and_then(Value::as_str) == Some(kind))
+            {
+                namespaces.push(serde_json::json!({ "type": kind }));
+            }
+        }
     }
 
     if let Some(annotations) = obj.get_mut("annotations") {
@@ -344,6 +357,27 @@ mod tests {
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "mount"}])
         );
+    }
+
+    #[test]
+    fn missing_pid_and_mount_namespaces_are_added() {
+        let mut spec = json!({"linux": {"namespaces": [{"type": "ipc"}]}});
+        rewrite(&mut spec, "c", &config(&[])).unwrap();
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "ipc"}, {"type": "pid"}, {"type": "mount"}])
+        );
+        let mut spec = json!({"linux": {}});
+        rewrite(&mut spec, "c", &config(&[])).unwrap();
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount"}])
+        );
+        let mut spec = json!({"linux": {"namespaces": {}}});
+        assert!(matches!(
+            rewrite(&mut spec, "c", &config(&[])),
+            Err(SpecError::Field("linux.namespaces"))
+        ));
     }
 
     #[test]

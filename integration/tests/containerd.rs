@@ -109,6 +109,53 @@ fn exit_code_propagates() {
     c.assert_no_leftovers(CLEANUP);
 }
 
+/// `--read-only`: the container cannot write its rootfs, yet its mount points (ctr's `/run`,
+/// absent from the image) and a missing working directory exist, as runc makes them. A
+/// container with CAP_SYS_ADMIN can remount its root read-write: under runc that undoes
+/// `--read-only` (the flag is only the container's own mount); under husk the guest kernel,
+/// hostile by assumption, can do the same, so the host refuses the write (the rootfs is
+/// read-only on the host). A writable rootfs gets a missing working directory as well.
+#[test]
+fn a_readonly_rootfs_is_readonly_on_the_host_and_a_missing_cwd_is_made() {
+    let c = Containerd::start();
+    let script = "pwd; grep -c ' /run ' /proc/self/mountinfo; \
+                  touch /x 2>/dev/null && echo root-written || echo root-ro; \
+                  mount -o remount,rw / && touch /planted 2>&1 && echo planted";
+    let flags = [
+        "--rm",
+        "--read-only",
+        "--cwd",
+        "/work/new",
+        "--cap-add",
+        "CAP_SYS_ADMIN",
+    ];
+    let out = c.run(&flags, "rofs", &["sh", "-c", script]);
+    let planted = match c.runtime() {
+        Runtime::Husk => "touch: /planted: Read-only file system",
+        Runtime::Runc => "planted",
+    };
+    assert_eq!(
+        text(&out.stdout),
+        format!("/work/new\n1\nroot-ro\n{planted}\n"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+
+    let out = c.run(
+        &["--rm", "--cwd", "/made/here"],
+        "rwfs",
+        &["sh", "-c", "pwd; touch f && echo written"],
+    );
+    assert_ok(&out, "ctr run --cwd");
+    assert_eq!(
+        text(&out.stdout),
+        "/made/here\nwritten\n",
+        "{}",
+        text(&out.stderr)
+    );
+    c.assert_no_leftovers(CLEANUP);
+}
+
 /// ctr 1.6 never closes a container's stdin at EOF (DESIGN.md), so the container reads a known
 /// amount; EOF propagation is tested below ctr (tests/containers.rs).
 #[test]

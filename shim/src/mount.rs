@@ -269,6 +269,84 @@ pub fn bind(source: &Path, target: &Path, options: BindOptions) -> Result<(), Mo
     .map_err(|e| mount_error(&what, target)(e.into()))
 }
 
+/// A mount point a container needs in its rootfs: a path inside the container, and whether it
+/// is a file (a bind of a host file) rather than a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountPoint {
+    /// Absolute path inside the container.
+    pub path: PathBuf,
+    /// An empty file rather than a directory.
+    pub file: bool,
+}
+
+/// Creates `points` in the rootfs at `root` (what the guest could not create in a rootfs the
+/// host made read-only). Every component is resolved with `root` as `/` (openat2
+/// `RESOLVE_IN_ROOT`, no magic links, no crossing into another mount): an image's symlinks
+/// cannot lead the shim outside the rootfs. Existing entries are kept.
+pub fn create_mount_points(root: &Path, points: &[MountPoint]) -> Result<(), MountError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV;
+    let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let root_fd =
+        rustix::fs::open(root, dir_flags, Mode::empty()).map_err(|e| MountError::MountPoint {
+            path: root.to_owned(),
+            source: e.into(),
+        })?;
+    // openat2 answers EAGAIN when a rename or mount anywhere on the host races with a `..`
+    // it resolves under RESOLVE_IN_ROOT: try again, a bounded number of times.
+    let openat2 = |rel: &Path, flags: OFlags, mode: Mode| {
+        let mut tries = 0;
+        loop {
+            match rustix::fs::openat2(&root_fd, rel, flags, mode, how) {
+                Err(rustix::io::Errno::AGAIN) if tries < 64 => tries += 1,
+                other => return other,
+            }
+        }
+    };
+    let open_dir = |rel: &Path| openat2(rel, dir_flags, Mode::empty());
+    for point in points {
+        let fail = |e: rustix::io::Errno| MountError::MountPoint {
+            path: root.join(point.path.strip_prefix("/").unwrap_or(&point.path)),
+            source: e.into(),
+        };
+        let names: Vec<_> = point
+            .path
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(name) => Some(name),
+                _ => None,
+            })
+            .collect();
+        let mut rel = PathBuf::from(".");
+        for (i, name) in names.iter().enumerate() {
+            let parent = open_dir(&rel).map_err(fail)?;
+            rel.push(name);
+            if point.file && i + 1 == names.len() {
+                openat2(
+                    &rel,
+                    OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+                    Mode::from_raw_mode(0o644),
+                )
+                .map_err(fail)?;
+                break;
+            }
+            match open_dir(&rel) {
+                Ok(_) => continue,
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(fail(e)),
+            }
+            // `mkdirat` never follows its last component: a dangling symlink there is EEXIST,
+            // and the check below then refuses it.
+            match rustix::fs::mkdirat(&parent, *name, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(fail(e)),
+            }
+            open_dir(&rel).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
 /// The mount points at or below `dir`, deepest first (from `/proc/self/mountinfo`, matched on
 /// the canonical path of `dir`; empty when `dir` does not exist).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
@@ -557,6 +635,53 @@ mod tests {
         );
         // The source itself stays writable on the host.
         std::fs::write(vol.join("data"), "host again").unwrap();
+    }
+
+    /// A read-only rootfs: its mount points are made beneath it (an image's symlinks cannot
+    /// lead elsewhere), then the guest's view of it is read-only on the host.
+    #[test]
+    fn a_readonly_rootfs_gets_its_mount_points_and_the_guest_cannot_write_it() {
+        let pod = Pod::new(None);
+        let image = pod.root.path().join("image");
+        let outside = pod.root.path().join("outside");
+        std::fs::create_dir_all(image.join("etc")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // Hostile image: symlinks that point out of the rootfs, absolute and relative.
+        std::os::unix::fs::symlink(&outside, image.join("proc")).unwrap();
+        std::os::unix::fs::symlink("../../outside", image.join("etc/up")).unwrap();
+        let point = |p: &str, file| MountPoint {
+            path: p.into(),
+            file,
+        };
+        // Read as if the image were `/`, the first leads nowhere (refused, not followed out),
+        // the second to the image's own /outside.
+        assert!(create_mount_points(&image, &[point("/proc/self", false)]).is_err());
+        std::fs::create_dir(image.join("outside")).unwrap();
+        let points = [
+            point("/etc/up/planted", false),
+            point("/etc/hosts", true),
+            point("/run/a/b", false),
+        ];
+        create_mount_points(&image, &points).unwrap();
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "escaped");
+        assert!(image.join("outside/planted").is_dir());
+        assert!(image.join("etc/hosts").is_file());
+        assert!(image.join("run/a/b").is_dir());
+        // Existing entries are kept; a directory where a file is needed is an error.
+        create_mount_points(&image, &points).unwrap();
+        assert!(create_mount_points(&image, &[point("/run/a", true)]).is_err());
+
+        let options = BindOptions {
+            recursive: true,
+            readonly: true,
+        };
+        bind(&image, &pod.mounts().join("c1/rootfs"), options).unwrap();
+        let guest = pod.shared().join("c1/rootfs");
+        assert!(guest.join("etc/hosts").is_file() && guest.join("run/a/b").is_dir());
+        assert!(is_erofs(&std::fs::write(guest.join("etc/passwd"), "x")));
+        assert!(is_erofs(&std::fs::remove_file(guest.join("etc/hosts"))));
+        assert!(is_erofs(&std::fs::create_dir(guest.join("new"))));
+        assert!(!image.join("etc/passwd").exists());
     }
 
     /// S2: `bind` without `rbind` does not expose the source's submounts.

@@ -476,6 +476,12 @@ impl Sandbox {
         &self.mounts
     }
 
+    /// Where the shim prepares a read-only rootfs before it enters the share: in the pod
+    /// directory, outside what the guest sees.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+
     /// The VMM's hybrid vsock socket (for stdio streams).
     pub fn vsock_uds(&self) -> &Path {
         &self.vsock_uds

@@ -256,6 +256,11 @@ impl Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        // A read-only rootfs is read-only on the host: the guest cannot write through it.
+        // The mount points its container needs are made first, as runc makes them; in a
+        // writable one only a missing working directory, which runc creates too.
+        let readonly = spec::readonly_rootfs(&spec);
+        let points = spec::rootfs_mount_points(&spec, readonly);
         let attempt = async {
             if req.rootfs.is_empty() {
                 // The bundle's rootfs is already prepared (no snapshotter mounts to do).
@@ -263,13 +268,35 @@ impl Service {
                     .pointer("/root/path")
                     .and_then(serde_json::Value::as_str)
                     .unwrap_or("rootfs");
+                let source = Path::new(&req.bundle).join(root);
+                mount::create_mount_points(&source, &points)?;
                 let whole = mount::BindOptions {
                     recursive: true,
-                    readonly: false,
+                    readonly,
                 };
-                mount::bind(&Path::new(&req.bundle).join(root), &rootfs, whole)?;
+                mount::bind(&source, &rootfs, whole)?;
+            } else if readonly {
+                // Mounted where the guest cannot see it, completed, then bound into the share
+                // read-only: no writable copy of it ever appears there.
+                let staging = sandbox.staging_dir().join(id);
+                let staged = async {
+                    std::fs::create_dir_all(&staging)
+                        .map_err(host_error(format!("Cannot create {}", staging.display())))?;
+                    mount::mount_rootfs(&req.rootfs, &staging)?;
+                    mount::create_mount_points(&staging, &points)?;
+                    let whole = mount::BindOptions {
+                        recursive: true,
+                        readonly: true,
+                    };
+                    mount::bind(&staging, &rootfs, whole)?;
+                    Ok::<(), TaskError>(())
+                }
+                .await;
+                crate::sandbox::remove_dir(&staging);
+                staged?;
             } else {
                 mount::mount_rootfs(&req.rootfs, &rootfs)?;
+                mount::create_mount_points(&rootfs, &points)?;
             }
             for bind in spec::rewrite(&mut spec, id, config)? {
                 mount::bind(

@@ -22,7 +22,7 @@ use serde_json::Value;
 use husk_agent_api::stdio::valid_id;
 
 use crate::config::Config;
-use crate::mount::BindOptions;
+use crate::mount::{BindOptions, MountPoint};
 
 /// Where the agent mounts the share in the guest (docs/contracts.md).
 pub const GUEST_SHARE_DIR: &str = "/run/husk/shared";
@@ -150,6 +150,71 @@ fn is_bind(mount: &Value) -> bool {
                 .any(|x| matches!(x.as_str(), Some("bind" | "rbind")))
         });
     typ == "bind" || has_bind_option
+}
+
+/// Whether the spec asks for a read-only rootfs (`root.readonly`).
+pub fn readonly_rootfs(spec: &Value) -> bool {
+    spec.pointer("/root/readonly").and_then(Value::as_bool) == Some(true)
+}
+
+/// What the shim creates in a container's rootfs before the guest sees it. For a read-only
+/// rootfs, where the guest cannot create them: the destination of every mount that is not
+/// inside another mount (those are created in the mount above them), as a file for a bind of
+/// a host file. For every rootfs: the process's working directory, which runc creates when
+/// the image lacks it. Call it on the spec as containerd wrote it (host bind sources).
+pub fn rootfs_mount_points(spec: &Value, readonly: bool) -> Vec<MountPoint> {
+    let usable = |p: &Path| {
+        p.is_absolute()
+            && p != Path::new("/")
+            && !p
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+    };
+    let mounts = spec
+        .get("mounts")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let destinations: Vec<&Path> = mounts
+        .iter()
+        .filter_map(|m| m.get("destination").and_then(Value::as_str))
+        .map(Path::new)
+        .filter(|p| usable(p))
+        .collect();
+    let inside_another = |p: &Path| destinations.iter().any(|d| *d != p && p.starts_with(d));
+    let mut points = Vec::new();
+    for mount in mounts.iter().filter(|_| readonly) {
+        let Some(dest) = mount
+            .get("destination")
+            .and_then(Value::as_str)
+            .map(Path::new)
+        else {
+            continue;
+        };
+        if !usable(dest) || inside_another(dest) {
+            continue;
+        }
+        let file = is_bind(mount)
+            && mount
+                .get("source")
+                .and_then(Value::as_str)
+                .and_then(|s| std::fs::metadata(s).ok())
+                .is_some_and(|m| !m.is_dir());
+        points.push(MountPoint {
+            path: dest.to_owned(),
+            file,
+        });
+    }
+    if let Some(cwd) = spec.pointer("/process/cwd").and_then(Value::as_str) {
+        let cwd = Path::new(cwd);
+        if usable(cwd) && !inside_another(cwd) {
+            points.push(MountPoint {
+                path: cwd.to_owned(),
+                file: false,
+            });
+        }
+    }
+    points
 }
 
 /// Rewrites `spec` for container `id` in the guest (see the module doc) and returns the host
@@ -357,6 +422,48 @@ mod tests {
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "mount"}])
         );
+    }
+
+    #[test]
+    fn a_readonly_rootfs_gets_its_top_mount_points_and_cwd() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = json!({
+            "root": {"path": "rootfs", "readonly": true},
+            "process": {"cwd": "/work/here"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},
+                {"destination": "/etc/hosts", "type": "bind", "source": file.path(),
+                 "options": ["rbind", "ro"]},
+                {"destination": "/data", "type": "none", "source": dir.path(),
+                 "options": ["bind"]},
+                {"destination": "/data/sub", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/a/../../x", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "relative", "type": "tmpfs", "source": "tmpfs"},
+            ],
+        });
+        assert!(readonly_rootfs(&spec));
+        let point = |p: &str, file| MountPoint {
+            path: p.into(),
+            file,
+        };
+        assert_eq!(
+            rootfs_mount_points(&spec, true),
+            [
+                point("/proc", false),
+                point("/dev", false),
+                point("/etc/hosts", true),
+                point("/data", false),
+                point("/work/here", false),
+            ]
+        );
+        assert_eq!(
+            rootfs_mount_points(&spec, false),
+            [point("/work/here", false)]
+        );
+        assert!(!readonly_rootfs(&json!({"root": {"path": "rootfs"}})));
     }
 
     #[test]

@@ -318,35 +318,58 @@ impl Pod {
         streams: Streams,
         stdin: Option<Vec<u8>>,
     ) -> Outcome {
+        // A stdin that breaks is reported after WaitProcess, with the VM's diagnostics: a
+        // broken pipe alone cannot tell a dead guest from a closed stream.
         let feeder = tokio::spawn(async move {
             if let (Some(mut s), Some(data)) = (streams.stdin, stdin) {
-                s.write_all(&data).await.expect("write stdin");
-                s.shutdown().await.expect("half-close stdin");
+                s.write_all(&data)
+                    .await
+                    .map_err(|e| format!("write stdin: {e}"))?;
+                s.shutdown()
+                    .await
+                    .map_err(|e| format!("half-close stdin: {e}"))?;
                 // Keep the stream open until the peer closes (the guest may still answer).
                 let mut sink = Vec::new();
                 let _ = s.read_to_end(&mut sink).await;
             }
+            Ok::<(), String>(())
         });
         let read_all = |s: Option<Box<dyn GuestStream>>| {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if let Some(mut s) = s {
-                    s.read_to_end(&mut buf).await.expect("read output stream");
+                    s.read_to_end(&mut buf)
+                        .await
+                        .map_err(|e| format!("read output stream: {e}"))?;
                 }
-                buf
+                Ok::<Vec<u8>, String>(buf)
             })
         };
         let out = read_all(streams.stdout);
         let err = read_all(streams.stderr);
-        let wait = self
-            .client
-            .wait_process(cid, eid, WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("WaitProcess {cid}/{eid}: {e}\n{}", self.diagnostics()));
-        let _ = feeder.await;
+        let wait = match self.client.wait_process(cid, eid, WAIT).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                let stdin = if feeder.is_finished() {
+                    format!("{:?}", feeder.await.expect("stdin task"))
+                } else {
+                    "still open".into()
+                };
+                panic!(
+                    "WaitProcess {cid}/{eid}: {e} (stdin: {stdin})\n{}",
+                    self.diagnostics()
+                )
+            }
+        };
+        if let Err(e) = feeder.await.expect("stdin task") {
+            panic!("{cid}/{eid}: {e}\n{}", self.diagnostics());
+        }
+        let output = |r: Result<Vec<u8>, String>| {
+            r.unwrap_or_else(|e| panic!("{cid}/{eid}: {e}\n{}", self.diagnostics()))
+        };
         Outcome {
-            stdout: out.await.expect("stdout task"),
-            stderr: err.await.expect("stderr task"),
+            stdout: output(out.await.expect("stdout task")),
+            stderr: output(err.await.expect("stderr task")),
             status: wait.exit_status,
         }
     }

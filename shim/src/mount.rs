@@ -317,9 +317,12 @@ pub fn create_mount_points(root: &Path, points: &[MountPoint]) -> Result<(), Mou
                 _ => None,
             })
             .collect();
+        // Each component is resolved from `root` (an absolute symlink inside the image means
+        // the image's `/`, which a walk relative to the parent's handle would get wrong); the
+        // handle of one component is the parent of the next.
         let mut rel = PathBuf::from(".");
+        let mut parent = open_dir(&rel).map_err(fail)?;
         for (i, name) in names.iter().enumerate() {
-            let parent = open_dir(&rel).map_err(fail)?;
             rel.push(name);
             if point.file && i + 1 == names.len() {
                 openat2(
@@ -330,18 +333,19 @@ pub fn create_mount_points(root: &Path, points: &[MountPoint]) -> Result<(), Mou
                 .map_err(fail)?;
                 break;
             }
-            match open_dir(&rel) {
-                Ok(_) => continue,
-                Err(rustix::io::Errno::NOENT) => {}
+            parent = match open_dir(&rel) {
+                Ok(dir) => dir,
+                Err(rustix::io::Errno::NOENT) => {
+                    // `mkdirat` never follows its last component: a dangling symlink there is
+                    // EEXIST, and the open below then refuses it.
+                    match rustix::fs::mkdirat(&parent, *name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(fail(e)),
+                    }
+                    open_dir(&rel).map_err(fail)?
+                }
                 Err(e) => return Err(fail(e)),
-            }
-            // `mkdirat` never follows its last component: a dangling symlink there is EEXIST,
-            // and the check below then refuses it.
-            match rustix::fs::mkdirat(&parent, *name, Mode::from_raw_mode(0o755)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(fail(e)),
-            }
-            open_dir(&rel).map_err(fail)?;
+            };
         }
     }
     Ok(())

@@ -47,13 +47,13 @@ pub use probe::{build_vmm, kvm_mode, probe_host_kvm, KvmMode, HUSK_KVM_MODE_ENV}
 pub use qemu::{Output, Seen};
 
 /// Environment variables passed from the caller into the lab (plus every `HUSK_*`).
+/// `RUST_BACKTRACE` stays outside: a lab test's panic message carries the VM's diagnostics,
+/// and a CI log that keeps only a run's head and tail would show a backtrace instead of them.
 const PASSED_ENV: &[&str] = &[
     "PATH",
     "HOME",
     "USER",
     "RUST_LOG",
-    "RUST_BACKTRACE",
-    "RUST_LIB_BACKTRACE",
     "RUST_TEST_THREADS",
     "CARGO_TARGET_DIR",
 ];

@@ -53,7 +53,8 @@ fn run_detached(c: &Containerd, flags: &[&str], id: &str, argv: &[&str]) {
     c.wait_task_status(id, "RUNNING", START);
 }
 
-/// Asserts that `pods` pods run: as many shims and, under husk, as many husk-vmm.
+/// Asserts that `pods` pods run: as many shims and, under husk, two husk-vmm processes each
+/// (the VMM and the waiter outside its PID namespace).
 fn assert_pod_processes(c: &Containerd, pods: usize) {
     let left = c.leftovers();
     let shim = c.runtime().shim_binary();
@@ -65,8 +66,8 @@ fn assert_pod_processes(c: &Containerd, pods: usize) {
     if c.runtime() == Runtime::Husk {
         assert_eq!(
             left.count_program("husk-vmm"),
-            pods,
-            "{pods} pod(s), VMs:\n{left}"
+            2 * pods,
+            "{pods} pod(s), a VMM and its waiter each:\n{left}"
         );
     }
 }
@@ -486,54 +487,48 @@ fn two_pods_run_in_parallel() {
     c.assert_no_leftovers(CLEANUP);
 }
 
-/// The pod dies under a running task: husk-vmm is SIGKILLed (husk), or the container's init
-/// (runc). The task must be reported exited with a failure status, and once it is deleted
-/// nothing may be left: no process, mount, socket or `/run/husk` entry.
+/// The pod dies under a running task: under husk, the VMM is SIGKILLed in one pod and its
+/// waiter in a second (the VMM must die with it, not linger as an orphan); under runc, the
+/// container's init. The task must be reported exited with a failure status, and once it is
+/// deleted nothing may be left: no process, mount, socket or `/run/husk` entry.
 #[test]
 fn killed_pod_ends_the_task_and_leaves_nothing() {
     let c = Containerd::start();
-    let id = "victim";
-    run_detached(&c, &[], id, &["sleep", "100000"]);
-    let victim = match c.runtime() {
-        Runtime::Husk => {
-            let vmms: Vec<_> = c
-                .leftovers()
-                .processes
-                .into_iter()
-                .filter(|p| {
-                    p.cmdline
-                        .split(' ')
-                        .next()
-                        .is_some_and(|a| a.ends_with("husk-vmm"))
-                })
-                .collect();
-            assert_eq!(vmms.len(), 1, "one pod, one husk-vmm: {vmms:?}");
-            vmms[0].pid
-        }
-        Runtime::Runc => c.task_pid(id).expect("task pid") as i32,
+    let victims: &[&str] = match c.runtime() {
+        Runtime::Husk => &["vmm", "waiter"],
+        Runtime::Runc => &["init"],
     };
-    eprintln!("SIGKILL to pid {victim}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill");
-    c.wait_task_status(id, "STOPPED", Duration::from_secs(60));
-    let exit = c.wait_exit(id, "", EVENT);
-    eprintln!("reported exit: {}", exit.body);
-    // runc: the SIGKILL of the init (128 + 9); husk: the status of a process lost with its VM.
-    let expected = match c.runtime() {
-        Runtime::Husk => u64::from(husk_shim::container::LOST_EXIT_STATUS),
-        Runtime::Runc => 128 + 9,
-    };
-    assert_eq!(
-        exit.exit_status(),
-        expected,
-        "a killed pod must not look like a clean exit: {}",
-        exit.body
-    );
-    delete(&c, id);
-    c.assert_no_leftovers(CLEANUP);
+    for &which in victims {
+        let id = format!("victim-{which}");
+        run_detached(&c, &[], &id, &["sleep", "100000"]);
+        let victim = match which {
+            "vmm" => pod_vmm(&c).vmm,
+            "waiter" => pod_vmm(&c).waiter,
+            _ => c.task_pid(&id).expect("task pid") as i32,
+        };
+        eprintln!("SIGKILL to the {which}, pid {victim}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill");
+        c.wait_task_status(&id, "STOPPED", Duration::from_secs(60));
+        let exit = c.wait_exit(&id, "", EVENT);
+        eprintln!("reported exit: {}", exit.body);
+        // runc: the SIGKILL of the init (128 + 9); husk: the status of a process lost with its VM.
+        let expected = match c.runtime() {
+            Runtime::Husk => u64::from(husk_shim::container::LOST_EXIT_STATUS),
+            Runtime::Runc => 128 + 9,
+        };
+        assert_eq!(
+            exit.exit_status(),
+            expected,
+            "a killed {which} must not look like a clean exit: {}",
+            exit.body
+        );
+        delete(&c, &id);
+        c.assert_no_leftovers(CLEANUP);
+    }
 }
 
 /// `uname -r` in a container: the guest kernel's release under husk (the release in
@@ -668,6 +663,32 @@ const HOSTILE_ANNOTATIONS: [&str; 2] = [
 ];
 
 /// The fields of `/proc/<pid>/status` named `key`, whitespace-split.
+/// The husk-vmm processes of a pod: the VMM that serves the guest, PID 1 of its own PID
+/// namespace, and the waiter outside that namespace, its parent and the shim's child.
+struct PodVmm {
+    vmm: i32,
+    waiter: i32,
+}
+
+/// The one running pod's [`PodVmm`], told apart by their parentage.
+fn pod_vmm(c: &Containerd) -> PodVmm {
+    let left = c.leftovers();
+    let pids = left.pids_of("husk-vmm");
+    assert_eq!(pids.len(), 2, "one pod, a VMM and its waiter:\n{left}");
+    let ppid = |pid: i32| {
+        status_field(pid, None, "PPid")[0]
+            .parse::<i32>()
+            .expect("PPid")
+    };
+    let (vmm, waiter) = if ppid(pids[0]) == pids[1] {
+        (pids[0], pids[1])
+    } else {
+        (pids[1], pids[0])
+    };
+    assert_eq!(ppid(vmm), waiter, "the VMM is its waiter's child:\n{left}");
+    PodVmm { vmm, waiter }
+}
+
 fn status_field(pid: i32, task: Option<&str>, key: &str) -> Vec<String> {
     let path = match task {
         Some(t) => format!("/proc/{pid}/task/{t}/status"),
@@ -708,46 +729,54 @@ fn the_vmm_is_jailed_and_no_annotation_reaches_a_command_line() {
         );
     }
     if c.runtime() == Runtime::Husk {
-        let program = |name: &str| {
-            processes
-                .iter()
-                .find(|p| {
-                    p.cmdline
-                        .split(' ')
-                        .next()
-                        .is_some_and(|a| a.ends_with(name))
-                })
-                .unwrap_or_else(|| panic!("no {name} among {processes:?}"))
-                .pid
+        // husk-vmm forks into a PID namespace of its own: the serving VMM (PID 1 there) and
+        // its waiter outside, both as unprivileged and as filtered.
+        let PodVmm { vmm, waiter } = pod_vmm(&c);
+        let tasks_of = |pid: i32| -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .expect("tasks")
+                .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
         };
-        let vmm = program("husk-vmm");
-        let ps = std::process::Command::new("ps")
-            .args(["-o", "user=", "-p", &vmm.to_string()])
-            .output()
-            .expect("ps");
-        assert_eq!(text(&ps.stdout).trim(), "nobody", "ps -o user of husk-vmm");
-        assert_eq!(status_field(vmm, None, "Uid"), ["65534"; 4]);
-        assert_eq!(status_field(vmm, None, "Gid"), ["65534"; 4]);
-        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        for pid in [vmm, waiter] {
+            let ps = std::process::Command::new("ps")
+                .args(["-o", "user=", "-p", &pid.to_string()])
+                .output()
+                .expect("ps");
             assert_eq!(
-                status_field(vmm, None, caps),
-                ["0000000000000000"],
-                "{caps}"
+                text(&ps.stdout).trim(),
+                "nobody",
+                "ps -o user of husk-vmm {pid}"
             );
+            assert_eq!(status_field(pid, None, "Uid"), ["65534"; 4]);
+            assert_eq!(status_field(pid, None, "Gid"), ["65534"; 4]);
+            for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(
+                    status_field(pid, None, caps),
+                    ["0000000000000000"],
+                    "{caps} of {pid}"
+                );
+            }
+            assert_eq!(status_field(pid, None, "NoNewPrivs"), ["1"]);
+            for t in &tasks_of(pid) {
+                assert_eq!(
+                    status_field(pid, Some(t), "Seccomp"),
+                    ["2"],
+                    "thread {t} of husk-vmm {pid}"
+                );
+            }
         }
-        assert_eq!(status_field(vmm, None, "NoNewPrivs"), ["1"]);
-        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/task"))
-            .expect("tasks")
-            .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(tasks.len() >= 3, "main, events, a vCPU: {tasks:?}");
-        for t in &tasks {
-            assert_eq!(
-                status_field(vmm, Some(t), "Seccomp"),
-                ["2"],
-                "thread {t} of husk-vmm"
-            );
-        }
+        assert!(
+            tasks_of(vmm).len() >= 3,
+            "main, events, a vCPU: {:?}",
+            tasks_of(vmm)
+        );
+        // Its own PID namespace, where it is PID 1.
+        assert_eq!(
+            status_field(vmm, None, "NSpid"),
+            [vmm.to_string(), "1".to_string()],
+            "husk-vmm's pids in the host's and its own PID namespace"
+        );
         let mounts = std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).expect("mountinfo");
         let mounts: Vec<&str> = mounts.lines().collect();
         assert_eq!(mounts.len(), 1, "husk-vmm sees only its jail: {mounts:#?}");
@@ -756,7 +785,7 @@ fn the_vmm_is_jailed_and_no_annotation_reaches_a_command_line() {
             "{}",
             mounts[0]
         );
-        for ns in ["mnt", "net", "ipc", "uts"] {
+        for ns in ["pid", "mnt", "net", "ipc", "uts"] {
             let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).expect("ns");
             let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
             assert_ne!(theirs, ours, "husk-vmm shares the host's {ns} namespace");

@@ -4,7 +4,8 @@
 //! By then every file it needs is open (`/dev/kvm`, the console, the guest memory memfd,
 //! virtiofsd's socket, its own vsock listener) and the kernel and initrd are in guest memory,
 //! so the jail can take the file system away entirely:
-//! * new mount, IPC, UTS and network namespaces;
+//! * a PID namespace of its own, entered first (see [`enter_pid_namespace`]), then new mount,
+//!   IPC, UTS and network namespaces;
 //! * the root becomes a private, empty, read-only tmpfs mounted on the jail directory (the
 //!   host's tree is detached, so the mount namespace holds only the jail);
 //! * resource limits: no core dumps, no locked memory, no POSIX message queues, a bounded
@@ -18,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::unistd::{Gid, Uid};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 /// The jail of one VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,156 @@ pub enum JailError {
 /// Most open files the jailed VMM may hold (vsock connections are one each).
 pub const MAX_OPEN_FILES: u64 = 4096;
 
+/// Signals the waiter outside the PID namespace passes on to the VMM: the shim's stop
+/// requests and its state-dump request (the ones `event_loop` reads).
+const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1];
+
+/// Puts the VMM in a PID namespace of its own, where it is PID 1 and sees no other process.
+///
+/// A process cannot move itself into a new PID namespace, only its children are born there,
+/// so this forks, and it must be called first, while the process has one thread and before
+/// `/dev/kvm` is opened (a KVM VM serves only the process that created it). The child returns
+/// and becomes the VMM. The parent never returns: it stays outside as a waiter, as
+/// unprivileged and filtered as the VMM ([`crate::seccomp`]'s waiter filter), passes the stop
+/// and dump signals on, and ends as the VMM ends (the same exit code, or death by the same
+/// signal), so the shim that started it sees what it would see of the VMM itself. The VMM
+/// dies with the waiter (its parent-death signal is SIGKILL), so killing the process the shim
+/// started still kills the VM.
+pub fn enter_pid_namespace(
+    config: &JailConfig,
+    seccomp: crate::seccomp::SeccompMode,
+    selftest: bool,
+) -> Result<(), JailError> {
+    if config.uid == 0 || config.gid == 0 {
+        return Err(JailError::Root);
+    }
+    // Blocked before the fork, so none arrives between it and the waiter's first wait; the
+    // child unblocks them again (the VMM blocks its own set later).
+    let mut waited = SigSet::empty();
+    for signal in FORWARDED {
+        waited.add(signal);
+    }
+    waited.add(Signal::SIGCHLD);
+    let before = waited
+        .thread_swap_mask(SigmaskHow::SIG_BLOCK)
+        .map_err(step("block the forwarded signals"))?;
+    unshare(CloneFlags::CLONE_NEWPID).map_err(step("unshare the PID namespace"))?;
+    let (alive_r, alive_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("make the waiter's pipe"))?;
+    // SAFETY: the process has a single thread (the caller's contract), so the child may run
+    // any code after the fork.
+    match unsafe { nix::unistd::fork() }.map_err(step("fork the VMM into its PID namespace"))? {
+        ForkResult::Child => {
+            drop(alive_w);
+            die_with_the_waiter(&alive_r)?;
+            *WAITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(alive_r);
+            before
+                .thread_set_mask()
+                .map_err(step("unblock the forwarded signals"))?;
+            Ok(())
+        }
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            wait_for_vmm(child, &waited, config, seccomp, selftest, alive_w)
+        }
+    }
+}
+
+/// The VMM's end of the pipe whose other end the waiter holds (set in the PID namespace).
+static WAITER: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Makes SIGKILL the calling process's parent-death signal, then exits if the waiter has
+/// already gone (its end of `alive` is closed: the pipe reads as end of file at once). A
+/// change of uid or gid clears the parent-death signal, so [`enter`] calls this again.
+fn die_with_the_waiter(alive: &std::os::fd::OwnedFd) -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(step("set the parent-death signal")(
+            nix::errno::Errno::last(),
+        ));
+    }
+    let mut poll = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(alive),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    if nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).unwrap_or(0) != 0 {
+        tracing::error!("the VMM's waiter is gone; stopping");
+        std::process::exit(crate::exit::ExitStatus::VmmError.code());
+    }
+    Ok(())
+}
+
+/// The waiter: passes [`FORWARDED`] signals on to `vmm` and ends as it ends.
+fn wait_for_vmm(
+    vmm: Pid,
+    waited: &SigSet,
+    config: &JailConfig,
+    seccomp: crate::seccomp::SeccompMode,
+    selftest: bool,
+    _alive: std::os::fd::OwnedFd,
+) -> ! {
+    use crate::exit::ExitStatus;
+    use crate::seccomp::{self, ThreadKind};
+    // SIGCHLD ignored (inherited) would reap the VMM before `waitpid` could see its status.
+    // SAFETY: restoring a default disposition installs no handler.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, SigHandler::SigDfl) };
+    let _ = seccomp::install_sigsys_handler();
+    let program = seccomp::waiter_program(seccomp, std::process::id(), vmm.as_raw() as u32);
+    let jailed = drop_privileges(config).and_then(|()| set_limits());
+    let filtered = match (jailed, program) {
+        (Ok(()), Ok(program)) => {
+            seccomp::install(ThreadKind::Waiter, program.as_ref()).map_err(|e| e.to_string())
+        }
+        (Err(e), _) => Err(e.to_string()),
+        (_, Err(e)) => Err(e.to_string()),
+    };
+    if let Err(e) = filtered {
+        tracing::error!("Cannot jail the VMM's waiter: {e}");
+        // The VMM dies with its parent (SIGKILL), before it has started a guest.
+        // SAFETY: _exit ends the process at once, without running exit handlers.
+        unsafe { libc::_exit(ExitStatus::VmmError.code()) }
+    }
+    if selftest {
+        seccomp::forbidden_syscall();
+    }
+    loop {
+        let Ok(signal) = waited.wait() else { continue };
+        if signal != Signal::SIGCHLD {
+            match nix::sys::signal::kill(vmm, signal) {
+                // The VMM still runs as root, before its own jail, and has started no guest:
+                // a stop request ends the waiter, and the VMM with it.
+                Err(nix::errno::Errno::EPERM) if signal != Signal::SIGUSR1 => {
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(ExitStatus::Stopped.code()) }
+                }
+                _ => continue,
+            }
+        }
+        match nix::sys::wait::waitpid(vmm, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            // SAFETY: as above.
+            Ok(WaitStatus::Exited(_, code)) => unsafe { libc::_exit(code) },
+            Ok(WaitStatus::Signaled(_, signal, _)) => die_of(signal),
+            Ok(_) => {}
+            // SAFETY: as above.
+            Err(_) => unsafe { libc::_exit(ExitStatus::VmmError.code()) },
+        }
+    }
+}
+
+/// Ends the process by `signal`, with its default action (no handler, unblocked).
+fn die_of(signal: Signal) -> ! {
+    // SAFETY: resetting a disposition to the default and raising a signal at ourselves are
+    // plain syscalls; `_exit` covers a signal whose default action is to be ignored.
+    unsafe {
+        let _ = nix::sys::signal::signal(signal, SigHandler::SigDfl);
+        let mut only = SigSet::empty();
+        only.add(signal);
+        let _ = only.thread_unblock();
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), signal);
+        libc::_exit(128 + signal as i32)
+    }
+}
+
 fn step(step: &'static str) -> impl FnOnce(nix::Error) -> JailError {
     move |source| JailError::Step { step, source }
 }
@@ -71,8 +224,11 @@ pub fn enter(config: &JailConfig) -> Result<String, JailError> {
     pivot_into_empty_root(&config.dir)?;
     set_limits()?;
     drop_privileges(config)?;
+    if let Some(alive) = WAITER.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        die_with_the_waiter(&alive)?;
+    }
     Ok(format!(
-        "uid={} gid={} groups=none namespaces=mnt,ipc,uts,net root=empty read-only tmpfs \
+        "uid={} gid={} groups=none namespaces=pid,mnt,ipc,uts,net root=empty read-only tmpfs \
          capabilities=none no_new_privs=1 rlimits=nofile:{MAX_OPEN_FILES},core:0,memlock:0,msgqueue:0",
         config.uid, config.gid
     ))

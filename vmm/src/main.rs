@@ -39,6 +39,14 @@ fn main() {
             std::process::exit(status.code());
         }
     };
+    if let Some(jail) = &config.jail {
+        // First, while the process has one thread and no VM: only the child comes back.
+        let selftest = config.seccomp_selftest == Some(husk_vmm::seccomp::ThreadKind::Waiter);
+        if let Err(e) = husk_vmm::jail::enter_pid_namespace(jail, config.seccomp, selftest) {
+            tracing::error!("{:#}", anyhow::Error::from(e));
+            std::process::exit(ExitStatus::VmmError.code());
+        }
+    }
     let status = match husk_vmm::run_vm(&config, launched) {
         Ok(status) => status,
         Err(e) => {

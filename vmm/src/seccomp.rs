@@ -43,6 +43,9 @@ pub enum ThreadKind {
     Events,
     /// A vCPU: `KVM_RUN` and the device emulation of its exits.
     Vcpu,
+    /// The waiter outside the VMM's PID namespace (`jail::enter_pid_namespace`): waits for
+    /// signals and for the VMM's end.
+    Waiter,
 }
 
 /// Errors of building or installing a filter.
@@ -209,6 +212,15 @@ fn rules(kind: ThreadKind, pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, 
                 vec![SeccompRule::new(vec![arg_eq(1, FIONBIO)?])?],
             );
         }
+        ThreadKind::Waiter => {
+            // sigwait, the VMM's end, and its own end by the VMM's signal (the default action
+            // restored first). `kill` is added by [`waiter_program`], for two pids only.
+            any(
+                &mut rules,
+                &[libc::SYS_rt_sigtimedwait, libc::SYS_wait4, libc::SYS_waitid],
+            );
+            rules.insert(libc::SYS_rt_sigaction, Vec::new());
+        }
         ThreadKind::Vcpu => {
             let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_TRANSLATE]
                 .into_iter()
@@ -228,18 +240,39 @@ pub fn program(
     mode: SeccompMode,
     pid: u32,
 ) -> Result<Option<BpfProgram>, SeccompError> {
+    compile(kind, mode, rules(kind, pid)?)
+}
+
+/// The waiter's program: [`ThreadKind::Waiter`]'s rules, and `kill` of the VMM (`vmm`, the
+/// signals it passes on) and of itself (`pid`, to end by the VMM's signal) only.
+pub fn waiter_program(
+    mode: SeccompMode,
+    pid: u32,
+    vmm: u32,
+) -> Result<Option<BpfProgram>, SeccompError> {
+    let mut rules = rules(ThreadKind::Waiter, pid)?;
+    rules.insert(
+        libc::SYS_kill,
+        vec![
+            SeccompRule::new(vec![arg_eq(0, u64::from(vmm))?])?,
+            SeccompRule::new(vec![arg_eq(0, u64::from(pid))?])?,
+        ],
+    );
+    compile(ThreadKind::Waiter, mode, rules)
+}
+
+fn compile(
+    kind: ThreadKind,
+    mode: SeccompMode,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Off => return Ok(None),
         SeccompMode::Kill => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let filter = SeccompFilter::new(
-        rules(kind, pid)?,
-        mismatch,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| SeccompError::Filter(kind, e.into()))?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| SeccompError::Filter(kind, e.into()))?;
     let program: BpfProgram = filter
         .try_into()
         .map_err(|e: seccompiler::BackendError| SeccompError::Filter(kind, e.into()))?;
@@ -258,6 +291,7 @@ pub fn install(kind: ThreadKind, program: Option<&BpfProgram>) -> Result<(), Sec
             ThreadKind::Main => "main",
             ThreadKind::Events => "event loop",
             ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Waiter => "waiter",
         })
     });
     match program {
@@ -384,6 +418,52 @@ mod tests {
             }
         }
         assert!(events.contains_key(&libc::SYS_accept4));
+    }
+
+    #[test]
+    fn the_waiter_may_signal_only_the_vmm_and_itself() {
+        assert!(program(ThreadKind::Waiter, SeccompMode::Kill, 1)
+            .unwrap()
+            .is_some());
+        assert!(!rules(ThreadKind::Waiter, 10)
+            .unwrap()
+            .contains_key(&libc::SYS_kill));
+        for kind in [ThreadKind::Main, ThreadKind::Events, ThreadKind::Vcpu] {
+            assert!(!rules(kind, 10).unwrap().contains_key(&libc::SYS_wait4));
+        }
+        let prog = waiter_program(SeccompMode::Kill, std::process::id(), 1)
+            .unwrap()
+            .unwrap();
+        // SAFETY: the child only installs the filter and makes raw syscalls before _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let _ = install_sigsys_handler();
+                // The filter was built for the parent's pid: a kill of anything but the
+                // two pids it names is a forbidden syscall.
+                let code = match install(ThreadKind::Waiter, Some(&prog)) {
+                    Ok(()) => {
+                        // SAFETY: kill with signal 0 only checks; it never returns here.
+                        unsafe { libc::kill(2, 0) };
+                        0
+                    }
+                    Err(_) => 7,
+                };
+                // SAFETY: _exit is async-signal-safe and ends the child.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Signaled(
+                        child,
+                        nix::sys::signal::Signal::SIGSYS,
+                        false
+                    ),
+                    "the waiter's filter let a kill of pid 2 through"
+                );
+            }
+        }
     }
 
     #[test]

@@ -99,8 +99,8 @@ impl Snapshot {
 }
 
 impl Leftovers {
-    /// How many of the processes run the program whose file name is `name`.
-    pub fn count_program(&self, name: &str) -> usize {
+    /// The pids of the processes that run the program whose file name is `name`.
+    pub fn pids_of(&self, name: &str) -> Vec<i32> {
         self.processes
             .iter()
             .filter(|p| {
@@ -109,7 +109,13 @@ impl Leftovers {
                     .next()
                     .is_some_and(|a| a.ends_with(name))
             })
-            .count()
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// How many of the processes run the program whose file name is `name`.
+    pub fn count_program(&self, name: &str) -> usize {
+        self.pids_of(name).len()
     }
 
     /// Nothing left.

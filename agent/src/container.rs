@@ -10,7 +10,7 @@
 //! ([`crate::reaper`]).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
 use crate::cgroup;
+use crate::net;
 use crate::process::{Process, ProcessError, ProcessIo};
 use crate::sandbox::{self, SHARED_DIR};
 use crate::seccomp::{self, SeccompExecutor};
@@ -121,6 +122,19 @@ fn kinds(cfg: Option<&StdioConfig>) -> Result<(Vec<StreamKind>, Option<TtySize>)
         }
     }
     Ok((k, None))
+}
+
+/// Whether the container gets a network namespace of its own (one without a path), rather
+/// than joining the guest's.
+fn new_network_namespace(spec: &oci_spec::runtime::Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|namespaces| {
+            namespaces.iter().any(|ns| {
+                ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network && ns.path().is_none()
+            })
+        })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -303,6 +317,13 @@ impl Containers {
             Err(e) => return undo(ContainerError::Helper("create the container", e)).await,
         };
         let pid = spawned.pid;
+        if new_network_namespace(&spec) {
+            // Before start, so the container's first instruction sees its loopback up.
+            let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Err(e) = blocking(move || net::loopback_up_in(&ns)).await {
+                return undo(ContainerError::Network(e)).await;
+            }
+        }
         let init = match Process::spawn(pid, spawned.exited, io) {
             Ok(p) => p,
             Err(e) => return undo(ContainerError::Process(e)).await,
@@ -503,6 +524,26 @@ impl Containers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_pathless_network_namespace_is_the_containers_own() {
+        let spec = |namespaces: serde_json::Value| -> oci_spec::runtime::Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.0.2",
+                "linux": {"namespaces": namespaces}
+            }))
+            .unwrap()
+        };
+        assert!(new_network_namespace(&spec(serde_json::json!([
+            {"type": "pid"}, {"type": "network"}
+        ]))));
+        assert!(!new_network_namespace(&spec(
+            serde_json::json!([{"type": "pid"}])
+        )));
+        assert!(!new_network_namespace(&spec(serde_json::json!([
+            {"type": "network", "path": "/proc/7/ns/net"}
+        ]))));
+    }
 
     #[test]
     fn stdio_configs_declare_streams() {

@@ -16,6 +16,7 @@ mod cgroup;
 mod container;
 mod init;
 mod mount;
+mod net;
 mod peer;
 mod process;
 mod reaper;
@@ -135,6 +136,8 @@ fn run_as_init(started: std::time::Instant) -> anyhow::Result<()> {
     mounted.context("Base mounts failed")?;
     init::report_cmdline(&cmdline);
     let port = StatusPort::open().context("No access to the status port")?;
+    // The pod's containers share the guest's network namespace: its loopback is theirs.
+    net::loopback_up().context("Cannot configure the guest's network")?;
     port.announce(Status::Started);
     if cmdline.test_fault == Some(TestFault::FailInit) {
         anyhow::bail!("test fault fail_init: the init duties fail before ready");

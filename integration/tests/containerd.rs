@@ -110,6 +110,32 @@ fn exit_code_propagates() {
     c.assert_no_leftovers(CLEANUP);
 }
 
+/// A container with a network namespace of its own (what `ctr run` asks for) reaches its own
+/// services on 127.0.0.1, as under runc, which brings `lo` up in every network namespace it
+/// creates: a TCP round trip through busybox `nc` on localhost.
+#[test]
+fn a_container_reaches_itself_on_localhost() {
+    let c = Containerd::start();
+    let script = "nc -l -p 5000 > /tmp/got & server=$!
+        ok=no
+        for i in 1 2 3 4 5 6 7 8 9 10; do
+            if echo hello-lo | nc 127.0.0.1 5000; then ok=yes; break; fi
+            sleep 1
+        done
+        [ $ok = yes ] || kill $server
+        wait $server
+        cat /tmp/got";
+    let out = c.run(&["--rm"], "localhost", &["sh", "-c", script]);
+    assert_ok(&out, "ctr run localhost");
+    assert_eq!(
+        text(&out.stdout),
+        "hello-lo\n",
+        "what the server on 127.0.0.1:5000 received; stderr: {}",
+        text(&out.stderr)
+    );
+    c.assert_no_leftovers(CLEANUP);
+}
+
 /// `--read-only`: the container cannot write its rootfs, yet its mount points (ctr's `/run`,
 /// absent from the image) and a missing working directory exist, as runc makes them. A
 /// container with CAP_SYS_ADMIN can remount its root read-write: under runc that undoes

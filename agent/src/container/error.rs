@@ -80,6 +80,9 @@ pub enum ContainerError {
     /// Cannot signal the process
     #[error("Cannot signal the process")]
     Signal(#[source] nix::Error),
+    /// Cannot configure the container's network namespace
+    #[error("Cannot configure the container's network namespace")]
+    Network(#[source] crate::net::NetError),
 }
 
 impl ContainerError {

@@ -68,7 +68,7 @@ fn set_up(name: &str) -> io::Result<()> {
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union; this writes that member.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: `req` is a valid ifreq that outlives the call; SIOCSIFFLAGS reads it only.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -106,7 +106,7 @@ fn get_flags(socket: &OwnedFd, req: &mut libc::ifreq) -> io::Result<()> {
     if unsafe {
         libc::ioctl(
             socket.as_raw_fd(),
-            libc::SIOCGIFFLAGS,
+            libc::SIOCGIFFLAGS as libc::Ioctl,
             req as *mut libc::ifreq,
         )
     } < 0

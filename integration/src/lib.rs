@@ -10,6 +10,7 @@
 pub mod containerd;
 pub mod lab_retry;
 pub mod pod;
+pub mod tap;
 pub mod virtiofsd;
 pub mod vm;
 

@@ -92,7 +92,13 @@ pub struct VmOptions {
     pub initrd: Option<PathBuf>,
     /// Add a virtio-fs device: virtiofsd's vhost-user socket and the mount tag.
     pub fs: Option<(PathBuf, String)>,
+    /// Add a virtio-net device (husk-vmm only): the tap ([`crate::tap::open`]) and the guest's
+    /// MAC address. The VMM inherits the tap as descriptor [`NET_TAP_FD`].
+    pub net: Option<(std::sync::Arc<std::os::fd::OwnedFd>, String)>,
 }
+
+/// The descriptor number the tap gets in husk-vmm's process.
+pub const NET_TAP_FD: i32 = 3;
 
 impl Default for VmOptions {
     fn default() -> Self {
@@ -104,6 +110,7 @@ impl Default for VmOptions {
             ready_timeout: Duration::from_secs(120),
             initrd: None,
             fs: None,
+            net: None,
         }
     }
 }
@@ -238,6 +245,18 @@ impl Vm {
         if let Some((socket, tag)) = &opts.fs {
             guest = guest.fs(socket, tag.clone());
         }
+        if let Some((_, mac)) = &opts.net {
+            assert_eq!(
+                opts.backend,
+                Backend::HuskVmm,
+                "the QEMU backend has no virtio-net device yet"
+            );
+            guest = guest.net(husk_shim::vmm::NetDevice {
+                tap_fd: NET_TAP_FD,
+                mac: mac.clone(),
+                mtu: None,
+            });
+        }
         let (mut cmd, endpoint) = match opts.backend {
             Backend::HuskVmm => (guest.command(), VsockEndpoint::Hybrid(vsock_uds.clone())),
             Backend::Qemu => {
@@ -251,6 +270,24 @@ impl Vm {
                 (qemu.command(), VsockEndpoint::Kernel { cid })
             }
         };
+        if let Some((tap, _)) = &opts.net {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(tap.as_ref());
+            // SAFETY: the closure runs in the child between fork and exec and only makes
+            // async-signal-safe calls (dup2, fcntl) on descriptors it inherited.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    let rc = if raw == NET_TAP_FD {
+                        libc::fcntl(raw, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(raw, NET_TAP_FD)
+                    };
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .env(
                 "RUST_LOG",

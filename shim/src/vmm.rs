@@ -77,8 +77,20 @@ pub struct VmmCommand {
     cmdline_extra: Option<String>,
     fs: Option<(PathBuf, String)>,
     fs_queue_size: Option<u16>,
+    net: Option<NetDevice>,
     jail: Option<(PathBuf, u32, u32)>,
     seccomp: Option<&'static str>,
+}
+
+/// A virtio-net device on a tap the VMM inherits (`--net-tap-fd`, `--net-mac`, `--net-mtu`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    /// The descriptor number the tap has in the VMM's process (the caller puts it there).
+    pub tap_fd: i32,
+    /// The guest interface's MAC address, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    /// The MTU offered to the guest; husk-vmm's default (1500) when not set.
+    pub mtu: Option<u16>,
 }
 
 impl VmmCommand {
@@ -101,6 +113,7 @@ impl VmmCommand {
             cmdline_extra: None,
             fs: None,
             fs_queue_size: None,
+            net: None,
             jail: None,
             seccomp: None,
         }
@@ -170,6 +183,12 @@ impl VmmCommand {
         self
     }
 
+    /// A virtio-net device on an inherited tap.
+    pub fn net(mut self, net: NetDevice) -> Self {
+        self.net = Some(net);
+        self
+    }
+
     /// The hybrid vsock socket.
     pub fn vsock_uds(&self) -> &Path {
         &self.vsock_uds
@@ -212,6 +231,17 @@ impl VmmCommand {
         }
         if let Some(size) = self.fs_queue_size {
             args.extend(["--fs-queue-size".into(), size.to_string().into()]);
+        }
+        if let Some(net) = &self.net {
+            args.extend([
+                "--net-tap-fd".into(),
+                net.tap_fd.to_string().into(),
+                "--net-mac".into(),
+                net.mac.clone().into(),
+            ]);
+            if let Some(mtu) = net.mtu {
+                args.extend(["--net-mtu".into(), mtu.to_string().into()]);
+            }
         }
         if let Some((dir, uid, gid)) = &self.jail {
             args.extend([
@@ -391,6 +421,27 @@ mod tests {
         assert!(joined.contains("--cmdline-extra quiet x=1"), "{joined}");
         assert!(joined.ends_with("--fs-socket /s/fs.sock --fs-tag husk --fs-queue-size 256"));
         assert_eq!(cmd.command().get_program(), "/vmm");
+    }
+
+    #[test]
+    fn net_device_arguments() {
+        let net = |mtu| NetDevice {
+            tap_fd: 3,
+            mac: "02:00:00:00:00:02".into(),
+            mtu,
+        };
+        let args = strings(VmmCommand::new("/vmm", "/k", "/u").net(net(None)).args());
+        assert!(args
+            .join(" ")
+            .ends_with("--net-tap-fd 3 --net-mac 02:00:00:00:00:02"));
+        let args = strings(
+            VmmCommand::new("/vmm", "/k", "/u")
+                .net(net(Some(9000)))
+                .args(),
+        );
+        assert!(args
+            .join(" ")
+            .ends_with("--net-mac 02:00:00:00:00:02 --net-mtu 9000"));
     }
 
     #[test]

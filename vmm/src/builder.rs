@@ -25,6 +25,7 @@ use crate::devices::legacy::serial::{
 use crate::devices::legacy::IrqFdTrigger;
 use crate::devices::virtio::fs::{FsDevice, FsError, FsHandler, VhostUserFs};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{NetDevice, NetError, NetHandler};
 use crate::devices::virtio::vsock::{VsockDevice, VsockHandler};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::devices::{lock, Bus};
@@ -70,6 +71,9 @@ pub enum BuildError {
     /// virtio-fs setup failed
     #[error("Cannot set up the virtio-fs device")]
     Fs(#[from] FsError),
+    /// virtio-net setup failed
+    #[error("Cannot set up the virtio-net device")]
+    Net(#[from] NetError),
     /// Bus setup failed
     #[error("Cannot place a device")]
     Bus(#[from] crate::devices::BusError),
@@ -270,6 +274,38 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         tracing::info!(socket = %fs.socket.display(), tag = %fs.tag, "virtio-fs device connected to virtiofsd");
     }
 
+    // virtio-net on the pod's tap, in the next window.
+    let mut net_device = None;
+    if let Some(net) = &config.net {
+        let index = virtio_windows.len();
+        let base = vsock_base + index as u64 * layout::VIRTIO_MMIO_WINDOW_SIZE;
+        let irq = vsock_irq + index as u32;
+        // SAFETY: the descriptor was inherited for this device and checked to be an open tap
+        // (config::check_net); nothing else in this process owns it.
+        let tap =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(net.tap_fd) };
+        let device = Arc::new(Mutex::new(NetDevice::new(tap, net.mac, net.mtu)?));
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&vm, irq)?));
+        for (index, evt) in lock(&device).queue_events().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+            vm.register_ioevent(evt, &addr, index as u32)
+                .map_err(vm_err("KVM_IOEVENTFD"))?;
+        }
+        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt);
+        mmio.insert(
+            base,
+            layout::VIRTIO_MMIO_WINDOW_SIZE,
+            Arc::new(Mutex::new(transport)),
+        )?;
+        virtio_windows.push((base, irq));
+        tracing::info!(
+            mac = %crate::devices::virtio::net::format_mac(&net.mac),
+            mtu = net.mtu,
+            "virtio-net device on the tap"
+        );
+        net_device = Some(device);
+    }
+
     // vCPUs (vCPU 0 first: KVM_GET_TSC_KHZ is a vCPU ioctl).
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -328,7 +364,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     let vcpu_threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>> = Arc::default();
     let dump_threads = vcpu_threads.clone();
     let dump_vsock = vsock.clone();
-    let dumps: Vec<StateDump> = vec![
+    let mut dumps: Vec<StateDump> = vec![
         Box::new(move || {
             let counts: Vec<String> = exit_counters
                 .iter()
@@ -354,6 +390,10 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         }),
         Box::new(move || crate::devices::lock(&dump_vsock).state_dump()),
     ];
+    if let Some(net) = &net_device {
+        let net = net.clone();
+        dumps.push(Box::new(move || crate::devices::lock(&net).state_dump()));
+    }
 
     // Event loop thread.
     let mut event_loop = EventLoop::new().map_err(BuildError::Thread)?;
@@ -368,6 +408,11 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     if let Some(handler) = fs_handler {
         event_loop
             .add_subscriber(Box::new(handler))
+            .map_err(BuildError::Thread)?;
+    }
+    if let Some(net) = &net_device {
+        event_loop
+            .add_subscriber(Box::new(NetHandler(net.clone())))
             .map_err(BuildError::Thread)?;
     }
     // The jail and the filters, before any thread that serves the guest starts.

@@ -86,6 +86,17 @@ pub struct CliArgs {
     /// Size of each virtio-fs queue (a power of two up to 32768).
     #[arg(long = "fs-queue-size", value_name = "N", default_value_t = crate::devices::virtio::fs::defs::DEFAULT_QUEUE_SIZE)]
     pub fs_queue_size: u16,
+    /// An open tap inherited as this file descriptor (`/dev/net/tun` attached with
+    /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, vnet header size 12): adds a virtio-net device on
+    /// it (needs --net-mac). The VMM never opens or configures a network device itself.
+    #[arg(long = "net-tap-fd", value_name = "FD", requires = "net_mac")]
+    pub net_tap_fd: Option<i32>,
+    /// MAC address of the guest's interface, `xx:xx:xx:xx:xx:xx` (unicast, not all zero).
+    #[arg(long = "net-mac", value_name = "MAC", requires = "net_tap_fd")]
+    pub net_mac: Option<String>,
+    /// MTU the device offers the guest (68..=65535).
+    #[arg(long = "net-mtu", value_name = "N", default_value_t = crate::devices::virtio::net::defs::DEFAULT_MTU)]
+    pub net_mtu: u16,
     /// Jail the VMM once the VM is built (crate::jail): an empty directory it mounts its
     /// private root on (needs --jail-uid and --jail-gid).
     #[arg(long = "jail-dir", value_name = "DIR", requires_all = ["jail_uid", "jail_gid"])]
@@ -115,6 +126,18 @@ pub struct FsConfig {
     pub queue_size: u16,
 }
 
+/// A virtio-net device on an inherited tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap's file descriptor, checked to be an open tap set up as the device needs; the
+    /// builder takes ownership of it.
+    pub tap_fd: i32,
+    /// The guest interface's MAC address.
+    pub mac: [u8; 6],
+    /// The MTU offered to the guest.
+    pub mtu: u16,
+}
+
 /// Validated configuration of one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -136,6 +159,8 @@ pub struct VmConfig {
     pub cmdline_extra: Option<String>,
     /// Optional virtio-fs device.
     pub fs: Option<FsConfig>,
+    /// Optional virtio-net device.
+    pub net: Option<NetConfig>,
     /// The jail, if any.
     pub jail: Option<JailConfig>,
     /// The seccomp filters' mode.
@@ -202,6 +227,15 @@ pub enum ConfigError {
     /// The jail directory is not an empty directory
     #[error("--jail-dir {0} is not an empty directory")]
     JailDir(PathBuf),
+    /// The tap descriptor is unusable
+    #[error("--net-tap-fd {0} is not an open tap set up for husk-vmm: {1}")]
+    NetTap(i32, String),
+    /// Bad MAC address
+    #[error("--net-mac must be a unicast MAC address xx:xx:xx:xx:xx:xx other than all zeroes, got {0:?}")]
+    NetMac(String),
+    /// MTU out of range
+    #[error("--net-mtu {0} is out of range (68..=65535)")]
+    NetMtu(u16),
     /// The virtiofsd socket is not there
     #[error("virtiofsd socket {0} does not exist or is not a socket (start virtiofsd first)")]
     FsSocketMissing(PathBuf),
@@ -225,6 +259,8 @@ impl ConfigError {
                 | Self::UdsTooLong(_)
                 | Self::FsTag(_)
                 | Self::FsQueueSize(_)
+                | Self::NetMac(_)
+                | Self::NetMtu(_)
         )
     }
 }
@@ -258,6 +294,10 @@ impl CliArgs {
             (Some(socket), Some(tag)) => Some(check_fs(socket, tag, self.fs_queue_size)?),
             _ => None,
         };
+        let net = match (self.net_tap_fd, self.net_mac) {
+            (Some(fd), Some(mac)) => Some(check_net(fd, &mac, self.net_mtu)?),
+            _ => None,
+        };
         let jail = match (self.jail_dir, self.jail_uid, self.jail_gid) {
             (Some(dir), Some(uid), Some(gid)) => {
                 let empty = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none());
@@ -278,6 +318,7 @@ impl CliArgs {
             console: self.console,
             cmdline_extra: self.cmdline_extra,
             fs,
+            net,
             jail,
             seccomp: self.seccomp,
             seccomp_selftest: self.seccomp_selftest,
@@ -301,6 +342,75 @@ fn check_fs(socket: PathBuf, tag: String, queue_size: u16) -> Result<FsConfig, C
         socket,
         tag,
         queue_size,
+    })
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx` into a unicast, non-zero MAC address.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    let unicast = mac[0] & 1 == 0;
+    (parts.next().is_none() && unicast && mac != [0; 6]).then_some(mac)
+}
+
+/// The tap must be open, a tun/tap character device (10:200), attached as a tap with the
+/// vnet header the device passes frames with (no packet information), its vnet header 12 bytes.
+fn check_net(fd: i32, mac: &str, mtu: u16) -> Result<NetConfig, ConfigError> {
+    use crate::devices::virtio::net::defs::NET_HDR_SIZE;
+    let mac = parse_mac(mac).ok_or_else(|| ConfigError::NetMac(mac.to_string()))?;
+    if mtu < 68 {
+        return Err(ConfigError::NetMtu(mtu));
+    }
+    let bad = |why: String| ConfigError::NetTap(fd, why);
+    if fd <= 2 {
+        return Err(bad("standard streams are not taps".into()));
+    }
+    let st = nix::sys::stat::fstat(fd).map_err(|e| bad(format!("fstat: {e}")))?;
+    let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    if !is_char || libc::major(st.st_rdev) != 10 || libc::minor(st.st_rdev) != 200 {
+        return Err(bad("not /dev/net/tun".into()));
+    }
+    // SAFETY: ifreq is plain old data; zeroes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes the ifreq, which outlives the call; `fd` is open (fstat above).
+    if unsafe { libc::ioctl(fd, libc::TUNGETIFF as libc::Ioctl, &mut req) } < 0 {
+        return Err(bad(format!(
+            "not attached to an interface: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: TUNGETIFF filled the flags member of the union.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if flags & (want | libc::IFF_TUN) != want {
+        return Err(bad(format!(
+            "flags {flags:#x}: a tap with IFF_NO_PI and IFF_VNET_HDR is needed"
+        )));
+    }
+    let mut size: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int, which outlives the call.
+    if unsafe { libc::ioctl(fd, libc::TUNGETVNETHDRSZ as libc::Ioctl, &mut size) } < 0 {
+        return Err(bad(format!(
+            "TUNGETVNETHDRSZ: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if size as usize != NET_HDR_SIZE {
+        return Err(bad(format!(
+            "vnet header size {size}, {NET_HDR_SIZE} needed (TUNSETVNETHDRSZ)"
+        )));
+    }
+    Ok(NetConfig {
+        tap_fd: fd,
+        mac,
+        mtu,
     })
 }
 
@@ -352,6 +462,92 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<CliArgs, clap::Error> {
         CliArgs::try_parse_from(std::iter::once("husk-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn mac_addresses_are_parsed_strictly() {
+        assert_eq!(
+            parse_mac("02:68:75:73:6b:0a"),
+            Some([0x02, 0x68, 0x75, 0x73, 0x6b, 0x0a])
+        );
+        for bad in [
+            "",
+            "02:68:75:73:6b",
+            "02:68:75:73:6b:0a:01",
+            "02:68:75:73:6b:0g",
+            "2:68:75:73:6b:0a",
+            "01:00:5e:00:00:01", // multicast
+            "00:00:00:00:00:00",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
+    }
+
+    /// Opens a tap in the calling thread's network namespace with `flags`, vnet header `size`.
+    fn tap(flags: i32, size: Option<i32>) -> std::os::fd::OwnedFd {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let fd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("/dev/net/tun");
+        // SAFETY: as in check_net.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        req.ifr_ifru.ifru_flags = flags as i16;
+        // SAFETY: TUNSETIFF reads and updates the ifreq, which outlives the call.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as libc::Ioctl, &mut req) };
+        assert!(r >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        if let Some(size) = size {
+            // SAFETY: TUNSETVNETHDRSZ reads one int, which outlives the call.
+            let r =
+                unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ as libc::Ioctl, &size) };
+            assert!(r >= 0);
+        }
+        // SAFETY: the File is consumed, its descriptor moves to the OwnedFd.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+    }
+
+    /// What `--net-tap-fd` accepts, on real taps in a network namespace of the test's own
+    /// (needs root, as every test host here has).
+    #[test]
+    fn only_a_tap_set_up_for_the_device_is_accepted() {
+        use std::os::fd::AsRawFd;
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (root)");
+            let mac = "02:00:00:00:00:02";
+            let good = tap(
+                libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+                Some(12),
+            );
+            let config = check_net(good.as_raw_fd(), mac, 1500).unwrap();
+            assert_eq!(config.mac, [2, 0, 0, 0, 0, 2]);
+            let refused = |fd: i32, why: &str| match check_net(fd, mac, 1500) {
+                Err(ConfigError::NetTap(got, text)) => {
+                    assert_eq!(got, fd);
+                    assert!(text.contains(why), "{text}");
+                }
+                other => panic!("fd {fd} accepted or wrong error: {other:?}"),
+            };
+            let devnull = std::fs::File::open("/dev/null").unwrap();
+            refused(devnull.as_raw_fd(), "not /dev/net/tun");
+            refused(1, "standard streams");
+            refused(9999, "fstat");
+            let tun = tap(
+                libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
+                Some(12),
+            );
+            refused(tun.as_raw_fd(), "a tap with");
+            let no_vnet = tap(libc::IFF_TAP | libc::IFF_NO_PI, None);
+            refused(no_vnet.as_raw_fd(), "a tap with");
+            let short_hdr = tap(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR, None);
+            refused(short_hdr.as_raw_fd(), "vnet header size 10");
+            assert!(matches!(
+                check_net(good.as_raw_fd(), mac, 67),
+                Err(ConfigError::NetMtu(67))
+            ));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

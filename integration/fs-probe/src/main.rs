@@ -18,6 +18,13 @@
 //!   up to 5 s and prints `PROBE VSOCK cid=<c> port=<p> <outcome>`, where the outcome is
 //!   `answered <n> bytes`, `closed`, `timeout` or `refused <error>`.
 //!
+//! * `net` (as PID 1, no share needed): the guest side of the virtio-net test. It gives `eth0`
+//!   the address `probe_addr=` (/24) and brings it up, then against `probe_peer=`: sends
+//!   [`UDP_ROUNDS`] UDP datagrams of several sizes to port 7777, each checked byte for byte
+//!   against the echo (`PROBE NET UDP sent=<n> echoed=<n> resent=<n>`), and streams
+//!   [`TCP_BYTES`] to TCP port 7778, reading the echo back at the same time
+//!   (`PROBE NET TCP bytes=<n> fnv=<sent hash> echo_fnv=<received hash> ms=<elapsed>`).
+//!
 //! Every run ends with `PROBE DONE` or `PROBE ERROR <what>`; as PID 1 it then syncs and reboots
 //! (a triple fault under `reboot=t`, which husk-vmm reports as a clean exit).
 
@@ -232,9 +239,145 @@ fn vsock_attack() -> Result<(), String> {
     Ok(())
 }
 
+/// UDP datagrams the `net` mode sends.
+const UDP_ROUNDS: usize = 300;
+/// Bytes the `net` mode streams over TCP.
+const TCP_BYTES: usize = 8 << 20;
+
+/// Byte `i` of the `net` mode's payloads.
+fn net_pattern(seed: usize, i: usize) -> u8 {
+    (i.wrapping_mul(131) ^ seed.wrapping_mul(7) ^ (i >> 9)) as u8
+}
+
+fn ipv4(var: &str) -> Result<[u8; 4], String> {
+    let text = std::env::var(var).map_err(|_| format!("{var} is not set"))?;
+    let addr: std::net::Ipv4Addr = text.parse().map_err(|e| format!("{var}={text}: {e}"))?;
+    Ok(addr.octets())
+}
+
+/// Address `addr`/24 on `eth0`, and the interface up (ioctls, as `ifconfig` does).
+fn configure_eth0(addr: [u8; 4]) -> Result<(), String> {
+    // SAFETY: socket(2) with constant arguments; checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain old data; zeroes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"eth0") {
+        *d = *s as libc::c_char;
+    }
+    let sockaddr = |a: [u8; 4]| {
+        // SAFETY: sockaddr_in is plain old data.
+        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = u32::from_ne_bytes(a);
+        // SAFETY: sockaddr_in and sockaddr have the same size; the family tells the kernel.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    };
+    let mut steps: Vec<(libc::Ioctl, &str, libc::ifreq)> = Vec::new();
+    req.ifr_ifru.ifru_addr = sockaddr(addr);
+    steps.push((libc::SIOCSIFADDR as libc::Ioctl, "SIOCSIFADDR", req));
+    req.ifr_ifru.ifru_netmask = sockaddr([255, 255, 255, 0]);
+    steps.push((libc::SIOCSIFNETMASK as libc::Ioctl, "SIOCSIFNETMASK", req));
+    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+    steps.push((libc::SIOCSIFFLAGS as libc::Ioctl, "SIOCSIFFLAGS", req));
+    let mut result = Ok(());
+    for (op, name, req) in &steps {
+        // SAFETY: `req` is a valid ifreq that outlives the call.
+        if unsafe { libc::ioctl(fd, *op, req) } < 0 {
+            result = Err(format!("{name} eth0: {}", std::io::Error::last_os_error()));
+            break;
+        }
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// Waits for the echo of `msg`: true when it came, false on a timeout. A late echo of an
+/// earlier round (its first byte is that round's number) is skipped; a wrong echo of this
+/// round is an error.
+fn udp_echo(udp: &std::net::UdpSocket, msg: &[u8], buf: &mut [u8]) -> Result<bool, String> {
+    loop {
+        match udp.recv(buf) {
+            Ok(n) if buf[..n] == *msg => return Ok(true),
+            Ok(n) if n > 0 && buf[0] != msg[0] => continue,
+            Ok(n) => return Err(format!("a wrong echo of {n} bytes for {} sent", msg.len())),
+            Err(_) => return Ok(false),
+        }
+    }
+}
+
+/// The `net` mode (see the module documentation).
+fn net() -> Result<(), String> {
+    use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
+    configure_eth0(ipv4("probe_addr")?)?;
+    let peer = Ipv4Addr::from(ipv4("probe_peer")?);
+    let udp = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("udp bind: {e}"))?;
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    let sizes = [1usize, 64, 512, 1400, 1472];
+    let (mut echoed, mut resent) = (0usize, 0usize);
+    let mut buf = vec![0u8; 2048];
+    for round in 0..UDP_ROUNDS {
+        let size = sizes[round % sizes.len()];
+        let mut msg: Vec<u8> = (0..size).map(|i| net_pattern(round, i)).collect();
+        msg[0] = round as u8;
+        // The first datagrams may wait for ARP; a lost one is sent again, a few times.
+        for attempt in 0..6 {
+            if attempt > 0 {
+                resent += 1;
+            }
+            udp.send_to(&msg, SocketAddrV4::new(peer, 7777))
+                .map_err(|e| format!("udp send: {e}"))?;
+            if udp_echo(&udp, &msg, &mut buf)? {
+                echoed += 1;
+                break;
+            }
+        }
+    }
+    say(&format!(
+        "PROBE NET UDP sent={UDP_ROUNDS} echoed={echoed} resent={resent}"
+    ));
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(SocketAddrV4::new(peer, 7778))
+        .map_err(|e| format!("tcp connect: {e}"))?;
+    let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+    let echo = std::thread::spawn(move || {
+        let mut all = Vec::with_capacity(TCP_BYTES);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) => return Ok(all),
+                Ok(n) => all.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("tcp read: {e}")),
+            }
+        }
+    });
+    let data: Vec<u8> = (0..TCP_BYTES).map(|i| net_pattern(1, i)).collect();
+    stream
+        .write_all(&data)
+        .map_err(|e| format!("tcp write: {e}"))?;
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("tcp shutdown: {e}"))?;
+    let back = echo.join().map_err(|_| "the echo reader panicked")??;
+    say(&format!(
+        "PROBE NET TCP bytes={} fnv={:016x} echo_fnv={:016x} ms={}",
+        back.len(),
+        fnv1a64(&data),
+        fnv1a64(&back),
+        started.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
 fn run(pid1: bool) -> Result<(), String> {
-    if std::env::var("probe_mode").as_deref() == Ok("vsock") {
-        return vsock_attack();
+    match std::env::var("probe_mode").as_deref() {
+        Ok("vsock") => return vsock_attack(),
+        Ok("net") => return net(),
+        _ => {}
     }
     let dir = if pid1 {
         let tag = std::env::var("probe_tag").unwrap_or_else(|_| "husk".into());

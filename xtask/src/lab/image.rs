@@ -27,7 +27,7 @@ const APPLETS: &[&str] = &[
 ];
 /// Modules the lab loads, in this order (each after its dependencies): KVM first, so
 /// `/dev/kvm` appears as early as possible, then virtio-mmio and 9p for the shares, then
-/// overlayfs for container snapshots inside the lab.
+/// overlayfs for container snapshots inside the lab, tun for the virtio-net tests.
 pub const LAB_MODULES: &[&str] = &[
     "kvm-amd",
     "virtio_mmio",
@@ -36,6 +36,8 @@ pub const LAB_MODULES: &[&str] = &[
     "overlay",
     // QEMU's vsock for the boot benchmark baseline (husk-vmm's vsock is in user space).
     "vhost_vsock",
+    // Taps for husk-vmm's virtio-net device (`/dev/net/tun`).
+    "tun",
 ];
 /// The `console` device node (`Documentation/admin-guide/devices.txt`).
 const CONSOLE_MAJOR: u32 = 5;

@@ -6,6 +6,9 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+pub mod test_driver;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

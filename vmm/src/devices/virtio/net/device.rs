@@ -1,0 +1,442 @@
+//! The virtio-net device: frames between the guest's queues and a tap.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::defs::*;
+use super::NetError;
+use crate::devices::lock;
+use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::event_loop::{EventOps, Subscriber};
+use crate::memory::GuestMemory;
+
+/// The event-loop token of the tap (the queues' tokens are their indices).
+const TAP_TOKEN: u32 = NUM_QUEUES as u32;
+/// Largest read or write on the tap: the header and the largest frame.
+const TAP_BUF_SIZE: usize = NET_HDR_SIZE + MAX_FRAME_SIZE;
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// Frame counters, for the state dump and the tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames the guest received.
+    pub rx_frames: u64,
+    /// Frames from the tap dropped (device not active, buffer too small or unusable).
+    pub rx_dropped: u64,
+    /// Frames the guest sent that reached the tap.
+    pub tx_frames: u64,
+    /// Frames the guest sent that were dropped (malformed, or the tap refused them).
+    pub tx_dropped: u64,
+}
+
+/// The net device.
+#[derive(Debug)]
+pub struct NetDevice {
+    tap: File,
+    mac: [u8; 6],
+    mtu: u16,
+    acked_features: u64,
+    queue_events: Vec<EventFd>,
+    queue_sizes: [u16; NUM_QUEUES],
+    active: Option<Active>,
+    /// A frame read from the tap (header first) waiting for an rx buffer; `rx_len` 0: none.
+    rx_frame: Vec<u8>,
+    rx_len: usize,
+    tx_frame: Vec<u8>,
+    /// Whether the event loop watches the tap for frames (not while one waits for a buffer).
+    tap_watched: bool,
+    /// The tap reported an error or hang-up (its interface is gone): no more frames.
+    tap_gone: bool,
+    /// The gone tap has left the event loop.
+    tap_removed: bool,
+    counters: NetCounters,
+}
+
+impl NetDevice {
+    /// A device with MAC address `mac` and MTU `mtu` on `tap`: a tap opened with
+    /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte vnet header (or, in tests, anything
+    /// that keeps frame boundaries the same way, such as a `SOCK_SEQPACKET` socket). The
+    /// descriptor is made non-blocking.
+    pub fn new(tap: OwnedFd, mac: [u8; 6], mtu: u16) -> Result<Self, NetError> {
+        let raw = tap.as_raw_fd();
+        let flags = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| NetError::Tap(raw, e.into()))?;
+        let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| NetError::Tap(raw, e.into()))?;
+        let queue_events = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            tap: File::from(tap),
+            mac,
+            mtu,
+            acked_features: 0,
+            queue_events,
+            queue_sizes: [QUEUE_SIZE; NUM_QUEUES],
+            active: None,
+            rx_frame: vec![0; TAP_BUF_SIZE],
+            rx_len: 0,
+            tx_frame: vec![0; TAP_BUF_SIZE],
+            tap_watched: false,
+            tap_gone: false,
+            tap_removed: false,
+            counters: NetCounters::default(),
+        })
+    }
+
+    /// The frame counters so far.
+    pub fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    /// Moves the guest's frames from the tx queue to the tap.
+    pub fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        loop {
+            let txq = &mut active.queues[TXQ_INDEX];
+            let Some(chain) = txq.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match read_tx_chain(&active.mem, chain, &mut self.tx_frame) {
+                Ok(len) => match self.tap.write(&self.tx_frame[..len]) {
+                    Ok(_) => self.counters.tx_frames += 1,
+                    Err(e) => {
+                        self.counters.tx_dropped += 1;
+                        tracing::debug!(error = %e, "net: the tap refused a frame");
+                    }
+                },
+                Err(e) => {
+                    self.counters.tx_dropped += 1;
+                    crate::guest_warn!(error = %e, "net: dropping a bad tx frame");
+                }
+            }
+            // Transmit buffers are only read: their used length is 0 (§2.7.8.2).
+            if let Err(e) = txq.add_used(&active.mem, head, 0) {
+                crate::guest_warn!(error = %e, "net: cannot return a tx buffer");
+            }
+            used = true;
+        }
+        if used {
+            notify_guest(active, TXQ_INDEX);
+        }
+    }
+
+    /// Moves frames from the tap into the guest's rx buffers until the tap is empty or the
+    /// guest has no buffer left (the frame then waits, and the tap is not read meanwhile).
+    pub fn process_rx(&mut self) {
+        let mut used = false;
+        loop {
+            if self.rx_len == 0 && !self.read_tap() {
+                break;
+            }
+            let Some(active) = self.active.as_mut() else {
+                // Link down: the frame is lost, as on a NIC without a driver.
+                self.rx_len = 0;
+                self.counters.rx_dropped += 1;
+                continue;
+            };
+            let rxq = &mut active.queues[RXQ_INDEX];
+            let Some(chain) = rxq.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let frame = &self.rx_frame[..self.rx_len];
+            let written = match write_rx_chain(&active.mem, chain, frame) {
+                Ok(()) => {
+                    self.counters.rx_frames += 1;
+                    frame.len() as u32
+                }
+                Err(e) => {
+                    self.counters.rx_dropped += 1;
+                    crate::guest_warn!(error = %e, "net: dropping a frame for a bad rx buffer");
+                    0
+                }
+            };
+            self.rx_len = 0;
+            if let Err(e) = rxq.add_used(&active.mem, head, written) {
+                crate::guest_warn!(error = %e, "net: cannot return an rx buffer");
+            }
+            used = true;
+        }
+        if used {
+            if let Some(active) = self.active.as_mut() {
+                notify_guest(active, RXQ_INDEX);
+            }
+        }
+    }
+
+    /// Reads one frame from the tap into `rx_frame`; false when there is none.
+    fn read_tap(&mut self) -> bool {
+        while !self.tap_gone {
+            match self.tap.read(&mut self.rx_frame) {
+                Ok(n) if n >= NET_HDR_SIZE + MIN_FRAME_SIZE => {
+                    // The tap fills the 10-byte `virtio_net_hdr`; without mergeable rx buffers
+                    // a frame always takes exactly one buffer.
+                    self.rx_frame[NUM_BUFFERS_OFFSET..NET_HDR_SIZE]
+                        .copy_from_slice(&1u16.to_le_bytes());
+                    self.rx_len = n;
+                    return true;
+                }
+                Ok(0) => {
+                    self.tap_gone = true;
+                    tracing::warn!("net: the tap closed; the guest's link is down");
+                }
+                Ok(n) => {
+                    // A runt; the next frame may be fine.
+                    tracing::debug!(len = n, "net: ignoring a runt frame from the tap");
+                    self.counters.rx_dropped += 1;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    self.tap_gone = true;
+                    tracing::warn!(error = %e, "net: cannot read the tap; the guest's link is down");
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the event loop should watch the tap: not while a frame waits for a buffer (the
+    /// rx notification resumes), not once the tap is gone.
+    fn wants_tap(&self) -> bool {
+        self.rx_len == 0 && !self.tap_gone
+    }
+
+    /// Makes the event loop's interest in the tap match [`Self::wants_tap`]; a tap that is
+    /// gone leaves the event loop (even with no events asked for, epoll would keep reporting
+    /// its error).
+    fn sync_tap(&mut self, ops: &mut EventOps) {
+        let fd = self.tap.as_raw_fd();
+        if self.tap_gone {
+            if !self.tap_removed {
+                if let Err(e) = ops.remove(fd) {
+                    tracing::error!(error = %e, "net: cannot stop watching the tap");
+                }
+                self.tap_removed = true;
+                self.tap_watched = false;
+            }
+            return;
+        }
+        let want = self.wants_tap();
+        if want == self.tap_watched {
+            return;
+        }
+        let events = if want {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        match ops.modify(fd, TAP_TOKEN, events) {
+            Ok(()) => self.tap_watched = want,
+            Err(e) => tracing::error!(error = %e, "net: cannot change the tap's events"),
+        }
+    }
+
+    /// One line of queue and frame state (the SIGUSR1 state dump).
+    pub fn state_dump(&self) -> String {
+        let Some(active) = self.active.as_ref() else {
+            return "net: not activated".into();
+        };
+        let mut out = String::from("net:");
+        for (name, q) in ["rx", "tx"].iter().zip(&active.queues) {
+            let avail = q
+                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+            let used = q
+                .used_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+            out.push_str(&format!(
+                " {name} avail={avail} next_avail={} used={used};",
+                q.next_avail()
+            ));
+        }
+        out.push_str(&format!(
+            " irq_status={:#x}; frame_waiting={} tap_gone={} {:?}",
+            active.interrupt.status(),
+            self.rx_len,
+            self.tap_gone,
+            self.counters
+        ));
+        out
+    }
+}
+
+fn notify_guest(active: &mut Active, queue: usize) {
+    match active.queues[queue].needs_notification(&active.mem) {
+        Ok(true) => active.interrupt.signal_used_queue(),
+        Ok(false) => {}
+        Err(e) => crate::guest_warn!(error = %e, "net: cannot read queue notification state"),
+    }
+}
+
+/// Copies one tx chain (header and frame) into `buf`; returns its length.
+fn read_tx_chain(
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    buf: &mut [u8],
+) -> Result<usize, NetError> {
+    let mut reader = Reader::new(mem, chain).map_err(NetError::DescriptorChain)?;
+    let len = reader.available_bytes();
+    if len < NET_HDR_SIZE + MIN_FRAME_SIZE {
+        return Err(NetError::BadFrame(
+            "shorter than a header and an Ethernet header",
+        ));
+    }
+    if len > NET_HDR_SIZE + MAX_FRAME_SIZE {
+        return Err(NetError::BadFrame("longer than the largest frame"));
+    }
+    reader
+        .read_exact(&mut buf[..len])
+        .map_err(NetError::GuestMemory)?;
+    // No offload was negotiated, so the header must ask for none: the host kernel would
+    // otherwise act on checksum and segmentation requests the guest has no right to make.
+    if buf[..NUM_BUFFERS_OFFSET].iter().any(|&b| b != 0) {
+        return Err(NetError::BadFrame(
+            "checksum or segmentation offload requested, none negotiated",
+        ));
+    }
+    Ok(len)
+}
+
+/// Writes `frame` (header first) into one rx chain, all of it or nothing.
+fn write_rx_chain(
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    frame: &[u8],
+) -> Result<(), NetError> {
+    let mut writer = Writer::new(mem, chain).map_err(NetError::DescriptorChain)?;
+    if writer.available_bytes() < frame.len() {
+        return Err(NetError::RxBufferTooSmall {
+            buffer: writer.available_bytes(),
+            frame: frame.len(),
+        });
+    }
+    writer.write_all(frame).map_err(NetError::GuestMemory)
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU)
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    /// Config space (§5.1.4): `mac`, `status` (0: no `VIRTIO_NET_F_STATUS`),
+    /// `max_virtqueue_pairs` (0: no `VIRTIO_NET_F_MQ`), `mtu`.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[..6].copy_from_slice(&self.mac);
+        config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        data.fill(0);
+        let start = offset.min(CONFIG_SIZE as u64) as usize;
+        let end = (start + data.len()).min(CONFIG_SIZE);
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR, never offered.
+        crate::guest_warn!("net: config space is read-only");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: NUM_QUEUES,
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        tracing::debug!("net device activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        if self.rx_len != 0 {
+            self.rx_len = 0;
+            self.counters.rx_dropped += 1;
+        }
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+}
+
+/// Event-loop glue: queue notifications and the tap of one net device.
+#[derive(Debug)]
+pub struct NetHandler(pub Arc<Mutex<NetDevice>>);
+
+impl Subscriber for NetHandler {
+    fn init(&mut self, ops: &mut EventOps) -> std::io::Result<()> {
+        let mut dev = lock(&self.0);
+        for (i, evt) in dev.queue_events.iter().enumerate() {
+            ops.add(evt.as_raw_fd(), i as u32, EventSet::IN)?;
+        }
+        ops.add(dev.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)?;
+        dev.tap_watched = true;
+        Ok(())
+    }
+
+    fn process(&mut self, token: u32, events: EventSet, ops: &mut EventOps) {
+        let mut dev = lock(&self.0);
+        if (token as usize) < NUM_QUEUES {
+            // The count does not matter; an error only means nothing was pending.
+            let _ = dev.queue_events[token as usize].read();
+        } else if events.intersects(EventSet::ERROR | EventSet::HANG_UP) && !dev.tap_gone {
+            // A tap whose interface was deleted (the pod's network namespace went away).
+            dev.tap_gone = true;
+            tracing::warn!("net: the tap's interface is gone; the guest's link is down");
+        }
+        dev.process_tx();
+        dev.process_rx();
+        dev.sync_tap(ops);
+    }
+}
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+mod tests;

@@ -35,6 +35,32 @@ use crate::memory::{create_guest_memory, GuestMemory};
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vcpu::{Buses, Vcpu};
 
+/// Places a virtio device in the MMIO window at `base` with interrupt line `irq`: its irqfd,
+/// one ioeventfd per queue on the QueueNotify register, and its transport on the bus. Returns
+/// the device's interrupt.
+fn attach_mmio_device(
+    vm: &VmFd,
+    mmio: &mut Bus,
+    mem: &GuestMemory,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    base: u64,
+    irq: u32,
+) -> Result<Arc<VirtioInterrupt>, BuildError> {
+    let interrupt = Arc::new(VirtioInterrupt::new(irqfd(vm, irq)?));
+    for (index, evt) in lock(&device).queue_events().iter().enumerate() {
+        let addr = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        vm.register_ioevent(evt, &addr, index as u32)
+            .map_err(vm_err("KVM_IOEVENTFD"))?;
+    }
+    let transport = MmioTransport::new(device, mem.clone(), interrupt.clone());
+    mmio.insert(
+        base,
+        layout::VIRTIO_MMIO_WINDOW_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    Ok(interrupt)
+}
+
 /// Fixed part of the guest command line (docs/contracts.md). The `i8042.*` words stop the
 /// guest's keyboard-controller driver from probing for a mouse, a multiplexer and a keyboard
 /// that do not exist: each probe waits for a timeout, ~2 s of boot under nested KVM.
@@ -226,18 +252,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
     )?));
     let vsock_base = layout::VIRTIO_MMIO_BASE;
     let vsock_irq = layout::VIRTIO_IRQ_BASE;
-    let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&vm, vsock_irq)?));
-    for (index, evt) in lock(&vsock).queue_events().iter().enumerate() {
-        let addr = IoEventAddress::Mmio(vsock_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-        vm.register_ioevent(evt, &addr, index as u32)
-            .map_err(vm_err("KVM_IOEVENTFD"))?;
-    }
-    let transport = MmioTransport::new(vsock.clone(), mem.clone(), interrupt);
-    mmio.insert(
-        vsock_base,
-        layout::VIRTIO_MMIO_WINDOW_SIZE,
-        Arc::new(Mutex::new(transport)),
-    )?;
+    attach_mmio_device(&vm, &mut mmio, &mem, vsock.clone(), vsock_base, vsock_irq)?;
     let mut virtio_windows = vec![(vsock_base, vsock_irq)];
 
     // virtio-fs (vhost-user, served by virtiofsd) in the next window.
@@ -251,25 +266,16 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
             .try_clone_to_owned()
             .map_err(FsError::SocketDup)?;
         let device = FsDevice::new(backend, &fs.tag, fs.queue_size, exit.clone())?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&vm, irq)?));
-        for (index, evt) in device.queue_events().iter().enumerate() {
-            let addr = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-            vm.register_ioevent(evt, &addr, index as u32)
-                .map_err(vm_err("KVM_IOEVENTFD"))?;
-        }
+        let call_events = device.call_events()?;
+        let device = Arc::new(Mutex::new(device));
+        let interrupt = attach_mmio_device(&vm, &mut mmio, &mem, device, base, irq)?;
         fs_handler = Some(FsHandler::new(
-            device.call_events()?,
+            call_events,
             socket,
             interrupt.clone(),
             exit.clone(),
             fs.socket.display().to_string(),
         ));
-        let transport = MmioTransport::new(Arc::new(Mutex::new(device)), mem.clone(), interrupt);
-        mmio.insert(
-            base,
-            layout::VIRTIO_MMIO_WINDOW_SIZE,
-            Arc::new(Mutex::new(transport)),
-        )?;
         virtio_windows.push((base, irq));
         tracing::info!(socket = %fs.socket.display(), tag = %fs.tag, "virtio-fs device connected to virtiofsd");
     }
@@ -285,18 +291,7 @@ pub fn run_vm(config: &VmConfig, launched: Instant) -> Result<ExitStatus, BuildE
         let tap =
             unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(net.tap_fd) };
         let device = Arc::new(Mutex::new(NetDevice::new(tap, net.mac, net.mtu)?));
-        let interrupt = Arc::new(VirtioInterrupt::new(irqfd(&vm, irq)?));
-        for (index, evt) in lock(&device).queue_events().iter().enumerate() {
-            let addr = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
-            vm.register_ioevent(evt, &addr, index as u32)
-                .map_err(vm_err("KVM_IOEVENTFD"))?;
-        }
-        let transport = MmioTransport::new(device.clone(), mem.clone(), interrupt);
-        mmio.insert(
-            base,
-            layout::VIRTIO_MMIO_WINDOW_SIZE,
-            Arc::new(Mutex::new(transport)),
-        )?;
+        attach_mmio_device(&vm, &mut mmio, &mem, device.clone(), base, irq)?;
         virtio_windows.push((base, irq));
         tracing::info!(
             mac = %crate::devices::virtio::net::format_mac(&net.mac),

@@ -14,7 +14,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
@@ -85,6 +85,73 @@ impl VirtioInterrupt {
     /// The irqfd (registered with KVM by the builder).
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
+    }
+}
+
+/// What a device runs on once the driver has activated it: guest memory, its queues and its
+/// interrupt.
+#[derive(Debug)]
+pub struct ActiveQueues {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The driver's queues, in the device's queue order.
+    pub queues: Vec<Queue>,
+    /// The device's interrupt.
+    pub interrupt: std::sync::Arc<VirtioInterrupt>,
+}
+
+impl ActiveQueues {
+    /// Checks that the driver set up the `want` queues the device needs.
+    pub fn new(
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<VirtioInterrupt>,
+        want: usize,
+    ) -> Result<Self, ActivateError> {
+        if queues.len() != want {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want,
+            });
+        }
+        Ok(Self {
+            mem,
+            queues,
+            interrupt,
+        })
+    }
+
+    /// Interrupts the guest for the used buffers of `queue`, unless the driver asked not to be
+    /// (`device` names the device in a warning).
+    pub fn notify(&mut self, queue: usize, device: &'static str) {
+        match self.queues[queue].needs_notification(&self.mem) {
+            Ok(true) => self.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => {
+                crate::guest_warn!(error = %e, device, "cannot read queue notification state")
+            }
+        }
+    }
+
+    /// For the state dump: each queue's avail, next avail and used index, named by `names`,
+    /// then the interrupt status.
+    pub fn state(&self, names: &[&str]) -> String {
+        use std::sync::atomic::Ordering::Acquire;
+        let mut out = String::new();
+        for (name, q) in names.iter().zip(&self.queues) {
+            let avail = q
+                .avail_idx(&self.mem, Acquire)
+                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+            let used = q
+                .used_idx(&self.mem, Acquire)
+                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
+            out.push_str(&format!(
+                " {name} avail={avail} next_avail={} used={used};",
+                q.next_avail()
+            ));
+        }
+        out.push_str(&format!(" irq_status={:#x};", self.interrupt.status()));
+        out
     }
 }
 

@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::defs::*;
 use super::NetError;
 use crate::devices::lock;
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::{ActivateError, ActiveQueues, VirtioDevice, VirtioInterrupt};
 use crate::event_loop::{EventOps, Subscriber};
 use crate::memory::GuestMemory;
 
@@ -22,13 +22,6 @@ use crate::memory::GuestMemory;
 const TAP_TOKEN: u32 = NUM_QUEUES as u32;
 /// Largest read or write on the tap: the header and the largest frame.
 const TAP_BUF_SIZE: usize = NET_HDR_SIZE + MAX_FRAME_SIZE;
-
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<VirtioInterrupt>,
-}
 
 /// Frame counters, for the state dump and the tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +45,7 @@ pub struct NetDevice {
     acked_features: u64,
     queue_events: Vec<EventFd>,
     queue_sizes: [u16; NUM_QUEUES],
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
     /// A frame read from the tap (header first) waiting for an rx buffer; `rx_len` 0: none.
     rx_frame: Vec<u8>,
     rx_len: usize,
@@ -136,7 +129,7 @@ impl NetDevice {
             used = true;
         }
         if used {
-            notify_guest(active, TXQ_INDEX);
+            active.notify(TXQ_INDEX, "net");
         }
     }
 
@@ -179,7 +172,7 @@ impl NetDevice {
         }
         if used {
             if let Some(active) = self.active.as_mut() {
-                notify_guest(active, RXQ_INDEX);
+                active.notify(RXQ_INDEX, "net");
             }
         }
     }
@@ -257,35 +250,13 @@ impl NetDevice {
         let Some(active) = self.active.as_ref() else {
             return "net: not activated".into();
         };
-        let mut out = String::from("net:");
-        for (name, q) in ["rx", "tx"].iter().zip(&active.queues) {
-            let avail = q
-                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
-            let used = q
-                .used_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
-            out.push_str(&format!(
-                " {name} avail={avail} next_avail={} used={used};",
-                q.next_avail()
-            ));
-        }
-        out.push_str(&format!(
-            " irq_status={:#x}; frame_waiting={} tap_gone={} {:?}",
-            active.interrupt.status(),
+        format!(
+            "net:{} frame_waiting={} tap_gone={} {:?}",
+            active.state(&["rx", "tx"]),
             self.rx_len,
             self.tap_gone,
             self.counters
-        ));
-        out
-    }
-}
-
-fn notify_guest(active: &mut Active, queue: usize) {
-    match active.queues[queue].needs_notification(&active.mem) {
-        Ok(true) => active.interrupt.signal_used_queue(),
-        Ok(false) => {}
-        Err(e) => crate::guest_warn!(error = %e, "net: cannot read queue notification state"),
+        )
     }
 }
 
@@ -377,17 +348,7 @@ impl VirtioDevice for NetDevice {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: NUM_QUEUES,
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(ActiveQueues::new(mem, queues, interrupt, NUM_QUEUES)?);
         tracing::debug!("net device activated");
         Ok(())
     }

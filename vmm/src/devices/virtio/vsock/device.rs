@@ -16,19 +16,12 @@ use super::muxer::VsockMuxer;
 use super::packet::{PacketHeader, VsockHeader};
 use super::VsockError;
 use crate::devices::lock;
-use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::{ActivateError, ActiveQueues, VirtioDevice, VirtioInterrupt};
 use crate::event_loop::{EventOps, Subscriber};
 use crate::memory::GuestMemory;
 
 /// How often one event may re-run the tx queue after rx drained a full control queue.
 const MAX_TX_RX_ROUNDS: usize = 4;
-
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<VirtioInterrupt>,
-}
 
 /// The vsock device.
 #[derive(Debug)]
@@ -37,7 +30,7 @@ pub struct VsockDevice {
     acked_features: u64,
     queue_events: Vec<EventFd>,
     queue_sizes: [u16; NUM_QUEUES],
-    active: Option<Active>,
+    active: Option<ActiveQueues>,
     muxer: VsockMuxer,
 }
 
@@ -90,7 +83,7 @@ impl VsockDevice {
             used = true;
         }
         if used {
-            notify_guest(active, TXQ_INDEX);
+            active.notify(TXQ_INDEX, "vsock");
         }
         stalled
     }
@@ -126,7 +119,7 @@ impl VsockDevice {
             }
         }
         if used {
-            notify_guest(active, RXQ_INDEX);
+            active.notify(RXQ_INDEX, "vsock");
         }
     }
 
@@ -135,25 +128,12 @@ impl VsockDevice {
         let Some(active) = self.active.as_ref() else {
             return format!("vsock cid {}: not activated", self.guest_cid);
         };
-        let mut out = format!("vsock cid {}:", self.guest_cid);
-        for (name, q) in ["rx", "tx", "event"].iter().zip(&active.queues) {
-            let avail = q
-                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
-            let used = q
-                .used_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
-                .map_or_else(|e| format!("? ({e})"), |i| i.0.to_string());
-            out.push_str(&format!(
-                " {name} avail={avail} next_avail={} used={used};",
-                q.next_avail()
-            ));
-        }
-        out.push_str(&format!(
-            " irq_status={:#x}; {}",
-            active.interrupt.status(),
+        format!(
+            "vsock cid {}:{} {}",
+            self.guest_cid,
+            active.state(&["rx", "tx", "event"]),
             self.muxer.state_dump()
-        ));
-        out
+        )
     }
 
     /// Runs tx then rx until no more progress is possible for this event.
@@ -166,14 +146,6 @@ impl VsockDevice {
                 break;
             }
         }
-    }
-}
-
-fn notify_guest(active: &mut Active, queue: usize) {
-    match active.queues[queue].needs_notification(&active.mem) {
-        Ok(true) => active.interrupt.signal_used_queue(),
-        Ok(false) => {}
-        Err(e) => crate::guest_warn!(error = %e, "vsock: cannot read queue notification state"),
     }
 }
 
@@ -261,17 +233,7 @@ impl VirtioDevice for VsockDevice {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: NUM_QUEUES,
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
+        self.active = Some(ActiveQueues::new(mem, queues, interrupt, NUM_QUEUES)?);
         self.muxer.set_active(true);
         tracing::debug!(cid = self.guest_cid, "vsock device activated");
         Ok(())

@@ -23,9 +23,12 @@
 //! `/dev/null`, its stdout and stderr both arrive on our stdout (one serial line).
 //! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr; `HUSK_LAB_L1_CMDLINE` adds
 //! words to the L1 kernel's command line (`husk_lab.kvm_amd=vgif=0` sets kvm_amd's parameters);
-//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1. `/tmp` and `/run` in the
+//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1; `HUSK_LAB_QEMU=backports` and
+//! `HUSK_LAB_L1_KERNEL=backports` run the L1 under bookworm-backports' QEMU 10 and kernel 6.12
+//! (fetched into the husk cache, see `backports`). `/tmp` and `/run` in the
 //! lab are fresh tmpfs; everything else outside the shares is read-only.
 
+pub mod backports;
 mod console;
 pub mod hold_kvm;
 mod image;
@@ -175,7 +178,11 @@ impl LabRun {
         if self.command.is_empty() {
             bail!("No command to run in the lab");
         }
-        let kernel = image::find_kernel()?;
+        let kernel = match backports::kernel()? {
+            Some(kernel) => kernel,
+            None => image::find_kernel()?,
+        };
+        let lab_qemu = backports::qemu()?;
         let initramfs = image::build_initramfs(&kernel)?;
         let cwd = match &self.cwd {
             Some(dir) => dir.clone(),
@@ -228,6 +235,7 @@ impl LabRun {
                     .ok()
                     .filter(|v| !v.trim().is_empty()),
                 cpu: &cpu,
+                qemu: &lab_qemu,
             };
             let ended = qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout);
             keep_symbols(job.path(), &symbols);

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tracing::info;
 
+use super::backports::LabQemu;
 use super::console::{classify, Line, LineSplitter, Marker};
 use super::image::LabKernel;
 
-/// The QEMU binary (Debian's qemu-system-x86).
-const QEMU: &str = "qemu-system-x86_64";
 /// 9p mount tags the lab init knows.
 pub const ROOT_TAG: &str = "hostroot";
 pub const JOB_TAG: &str = "huskjob";
@@ -71,6 +70,8 @@ pub struct Launch<'a> {
     pub l1_cmdline_extra: Option<String>,
     /// QEMU's `-cpu` for the L1 (`max`, or `HUSK_LAB_CPU`).
     pub cpu: &'a str,
+    /// The emulator: Debian's installed QEMU, or backports' (`HUSK_LAB_QEMU`).
+    pub qemu: &'a LabQemu,
 }
 
 /// Where the command's output goes.
@@ -127,19 +128,21 @@ pub enum Ended {
 
 /// QEMU's command line for `launch` (without the program name).
 pub fn qemu_args(launch: &Launch<'_>) -> Vec<OsString> {
-    let mut args: Vec<OsString> = [
-        "-M",
-        "microvm,rtc=on",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
+    let mut args: Vec<OsString> = launch.qemu.args.iter().map(OsString::from).collect();
+    args.extend(
+        [
+            "-M",
+            "microvm,rtc=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(OsString::from),
+    );
     // `max` emulates AMD SVM with nested paging; `HUSK_LAB_CPU` may add or drop features
     // for an experiment (e.g. `max,avx=off,avx2=off`).
     args.extend(["-cpu".into(), launch.cpu.into()]);
@@ -211,7 +214,8 @@ fn escape_qemu_opt(path: &Path) -> OsString {
 }
 
 fn spawn(launch: &Launch<'_>) -> Result<Child> {
-    let mut cmd = Command::new(QEMU);
+    let program = &launch.qemu.program;
+    let mut cmd = Command::new(program);
     cmd.args(qemu_args(launch))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -225,8 +229,12 @@ fn spawn(launch: &Launch<'_>) -> Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn()
-        .with_context(|| format!("Cannot start {QEMU} (install qemu-system-x86)"))
+    cmd.spawn().with_context(|| {
+        format!(
+            "Cannot start {} (install qemu-system-x86)",
+            program.display()
+        )
+    })
 }
 
 /// Boots the lab once and follows it until the command's exit, a failure or a timeout.
@@ -367,8 +375,9 @@ pub fn launch_once(
                 let t = started.elapsed();
                 kvm_ready = Some(t);
                 info!(
-                    "lab: using an L1 Linux {} under QEMU TCG (nested SVM); /dev/kvm after {:.1} s",
+                    "lab: using an L1 Linux {} under QEMU TCG ({}, nested SVM); /dev/kvm after {:.1} s",
                     launch.kernel.release,
+                    launch.qemu.program.display(),
                     t.as_secs_f64()
                 );
             }

@@ -131,10 +131,11 @@ impl Apt {
         }
         fs::write(dir.join("sources.list"), SOURCES)?;
         let apt = Apt { dir };
-        // Once a day is enough for an experiment's package lists.
+        // Once a day is enough for an experiment's package lists (apt keeps them compressed,
+        // `…_Packages.lz4`).
         let lists_fresh = fs::read_dir(apt.dir.join("lists"))?
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+            .filter(|e| e.file_name().to_string_lossy().contains("_Packages"))
             .any(|e| {
                 e.metadata()
                     .and_then(|m| m.modified())
@@ -213,16 +214,13 @@ fn unpacked(packages: &[&str]) -> Result<PathBuf> {
         };
         debs.push(deb);
     }
-    let name: Vec<String> = debs
-        .iter()
-        .map(|d| {
-            d.file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .replace('%', "_")
-        })
-        .collect();
-    let root = apt.dir.join("root").join(name.join("+"));
+    // Named after the first package's .deb, its version included.
+    let name = debs[0]
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .replace('%', "_");
+    let root = apt.dir.join("root").join(name);
     let done = root.join(".unpacked");
     if !done.exists() {
         let _ = fs::remove_dir_all(&root);

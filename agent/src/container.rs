@@ -263,8 +263,15 @@ impl Containers {
         stdio: Option<&StdioConfig>,
     ) -> Result<(u32, Entry)> {
         let (kinds, tty_size) = kinds(stdio)?;
-        let spec = spec::prepare(id, spec_json, Path::new(SHARED_DIR), &cgroup::spec_path(id))
+        let mut spec = spec::prepare(id, spec_json, Path::new(SHARED_DIR), &cgroup::spec_path(id))
             .map_err(ContainerError::Spec)?;
+        net::take_pod_hostname(&mut spec);
+        let pod_sysctls = net::take_pod_sysctls(&mut spec);
+        if !pod_sysctls.is_empty() {
+            blocking(move || net::set_sysctls(&pod_sysctls))
+                .await
+                .map_err(ContainerError::Network)?;
+        }
         let programs = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
             Some(profile) => seccomp::compile(profile).map_err(ContainerError::Seccomp)?,
             None => Vec::new(),

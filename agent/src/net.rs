@@ -7,6 +7,14 @@
 //! host's namespace paths) and in each new network namespace a container gets (a `ctr run`
 //! container, whose spec asks for a namespace of its own), between create and start, so the
 //! container's first instruction already sees it up.
+//!
+//! A pod's namespaced sysctls (`net.*`, e.g. Kubernetes' `net.ipv4.ip_unprivileged_port_start`,
+//! and the IPC ones) and its hostname arrive on its sandbox container, which the shim makes
+//! share the guest's network, IPC and UTS namespaces: those are the pod's. libcontainer
+//! refuses such sysctls, and a hostname, for a container without the namespace of its own
+//! (under runc they would change the host's), so the agent takes them out of the spec and sets
+//! the sysctls in the guest's namespaces itself, before the container is created (the
+//! hostname is the guest's since the sandbox was created).
 
 use std::fs::File;
 use std::io;
@@ -29,6 +37,120 @@ pub enum NetError {
     Up(&'static str, io::Error),
     #[error("The thread that configures the network namespace {0} panicked")]
     Panicked(PathBuf),
+    #[error("Sysctl {0:?} is not a network or IPC sysctl the agent sets for a pod")]
+    SysctlName(String),
+    #[error("Cannot set sysctl {0}={1:?}: {2}")]
+    Sysctl(String, String, io::Error),
+}
+
+/// The IPC namespace's sysctls besides `fs.mqueue.*` (the list runc and libcontainer check).
+const IPC_SYSCTLS: &[&str] = &[
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
+/// Which namespace a namespaced sysctl belongs to: network (`net.*`) or IPC.
+fn sysctl_namespace(key: &str) -> Option<oci_spec::runtime::LinuxNamespaceType> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let key = key.replace('/', ".");
+    if key.starts_with("net.") {
+        Some(LinuxNamespaceType::Network)
+    } else if key.starts_with("fs.mqueue.") || IPC_SYSCTLS.contains(&key.as_str()) {
+        Some(LinuxNamespaceType::Ipc)
+    } else {
+        None
+    }
+}
+
+/// Takes the namespaced sysctls out of `spec` whose namespace (network or IPC) the container
+/// does not have of its own, because it shares the guest's (the pod's), and returns them, to
+/// be set by the agent in the guest's namespaces; the others stay for libcontainer.
+pub fn take_pod_sysctls(spec: &mut oci_spec::runtime::Spec) -> Vec<(String, String)> {
+    let Some(linux) = spec.linux_mut().as_mut() else {
+        return Vec::new();
+    };
+    let own: Vec<_> = linux
+        .namespaces()
+        .as_ref()
+        .map(|n| n.iter().map(|ns| ns.typ()).collect())
+        .unwrap_or_default();
+    let Some(sysctls) = linux.sysctl_mut().as_mut() else {
+        return Vec::new();
+    };
+    let keys: Vec<String> = sysctls
+        .keys()
+        .filter(|k| sysctl_namespace(k).is_some_and(|ns| !own.contains(&ns)))
+        .cloned()
+        .collect();
+    let mut taken: Vec<(String, String)> = keys
+        .into_iter()
+        .filter_map(|k| sysctls.remove_entry(&k))
+        .collect();
+    taken.sort();
+    taken
+}
+
+/// The path under `/proc/sys` of namespaced sysctl `key` (`net.ipv4.x` or `net/ipv4/x`), or
+/// an error for anything else: a network or IPC sysctl, every component a plain name.
+fn sysctl_path(key: &str) -> Result<PathBuf, NetError> {
+    let bad = || NetError::SysctlName(key.to_owned());
+    let parts: Vec<&str> = if key.contains('/') {
+        key.split('/').collect()
+    } else {
+        key.split('.').collect()
+    };
+    if sysctl_namespace(key).is_none() || parts.len() < 2 {
+        return Err(bad());
+    }
+    let mut path = PathBuf::from("/proc/sys");
+    for part in parts {
+        let plain = !part.is_empty()
+            && part != "."
+            && part != ".."
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:@".contains(&b));
+        if !plain {
+            return Err(bad());
+        }
+        path.push(part);
+    }
+    Ok(path)
+}
+
+/// Takes the hostname out of `spec` when the container has no UTS namespace of its own (a pod's
+/// sandbox container, which shares the guest's): the guest's is the pod's hostname, which the
+/// agent set when the sandbox was created (`sandbox::create`), and libcontainer refuses a
+/// hostname without a UTS namespace. Returns what was taken.
+pub fn take_pod_hostname(spec: &mut oci_spec::runtime::Spec) -> Option<String> {
+    let own_uts = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| {
+            n.iter()
+                .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Uts)
+        });
+    if own_uts {
+        return None;
+    }
+    spec.hostname_mut().take()
+}
+
+/// Sets namespaced sysctls in the calling thread's namespaces (the guest's).
+pub fn set_sysctls(sysctls: &[(String, String)]) -> Result<(), NetError> {
+    for (key, value) in sysctls {
+        let path = sysctl_path(key)?;
+        std::fs::write(&path, value.as_bytes())
+            .map_err(|e| NetError::Sysctl(key.clone(), value.clone(), e))?;
+    }
+    Ok(())
 }
 
 /// Brings `lo` up in the calling thread's network namespace.
@@ -119,6 +241,127 @@ fn get_flags(socket: &OwnedFd, req: &mut libc::ifreq) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(linux: serde_json::Value) -> oci_spec::runtime::Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "linux": linux,
+        }))
+        .unwrap()
+    }
+
+    /// A pod's sandbox (no network namespace of its own, an IPC one here) gives up its `net.*`
+    /// sysctls to the agent and keeps the IPC one and the unknown one for libcontainer (which
+    /// refuses the latter); a container with namespaces of its own keeps them all.
+    #[test]
+    fn namespaced_sysctls_of_a_pod_are_taken_from_its_spec() {
+        let sysctls = serde_json::json!({
+            "net.ipv4.ip_unprivileged_port_start": "80",
+            "net/core/somaxconn": "512",
+            "kernel.shm_rmid_forced": "1",
+            "vm.overcommit_memory": "1",
+        });
+        let mut pod = spec(serde_json::json!({
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}],
+            "sysctl": sysctls,
+        }));
+        assert_eq!(
+            take_pod_sysctls(&mut pod),
+            vec![
+                (
+                    "net.ipv4.ip_unprivileged_port_start".to_string(),
+                    "80".to_string()
+                ),
+                ("net/core/somaxconn".to_string(), "512".to_string()),
+            ]
+        );
+        let left = pod.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left["kernel.shm_rmid_forced"], "1");
+
+        let mut shared_ipc = spec(serde_json::json!({
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network"}],
+            "sysctl": sysctls,
+        }));
+        assert_eq!(
+            take_pod_sysctls(&mut shared_ipc),
+            vec![("kernel.shm_rmid_forced".to_string(), "1".to_string())]
+        );
+
+        let mut own = spec(serde_json::json!({
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "network"}, {"type": "ipc"}],
+            "sysctl": sysctls,
+        }));
+        assert!(take_pod_sysctls(&mut own).is_empty());
+        assert_eq!(
+            own.linux()
+                .as_ref()
+                .unwrap()
+                .sysctl()
+                .as_ref()
+                .unwrap()
+                .len(),
+            4
+        );
+    }
+
+    /// A pod's sandbox (no UTS namespace of its own) gives up its hostname (the guest's already);
+    /// a container with a UTS namespace keeps it for libcontainer.
+    #[test]
+    fn the_hostname_of_a_pod_is_taken_from_its_sandbox_spec() {
+        let with = |namespaces: serde_json::Value| {
+            let mut s = spec(serde_json::json!({ "namespaces": namespaces }));
+            s.set_hostname(Some("web".into()));
+            s
+        };
+        let mut pod = with(serde_json::json!([{"type": "pid"}, {"type": "mount"}]));
+        assert_eq!(take_pod_hostname(&mut pod).as_deref(), Some("web"));
+        assert_eq!(pod.hostname(), &None);
+        let mut own =
+            with(serde_json::json!([{"type": "pid"}, {"type": "mount"}, {"type": "uts"}]));
+        assert_eq!(take_pod_hostname(&mut own), None);
+        assert_eq!(own.hostname().as_deref(), Some("web"));
+    }
+
+    /// Only namespaced (network and IPC) sysctls made of plain components become paths.
+    #[test]
+    fn sysctl_names_cannot_leave_proc_sys_net() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").unwrap(),
+            Path::new("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.100/forwarding").unwrap(),
+            Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding")
+        );
+        assert_eq!(
+            sysctl_path("kernel.shm_rmid_forced").unwrap(),
+            Path::new("/proc/sys/kernel/shm_rmid_forced")
+        );
+        assert_eq!(
+            sysctl_path("fs.mqueue.msg_max").unwrap(),
+            Path::new("/proc/sys/fs/mqueue/msg_max")
+        );
+        for bad in [
+            "kernel.hostname",
+            "kernel.shm_rmid_forced.x",
+            "fs.file-max",
+            "net",
+            "net..ipv4",
+            "net/../kernel/hostname",
+            "net/ipv4/../../kernel/x",
+            "net.ipv4.x\0",
+            "/net/ipv4/x",
+            "net/ipv4/x/",
+        ] {
+            assert!(
+                matches!(sysctl_path(bad), Err(NetError::SysctlName(_))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
 
     #[test]
     fn interface_names_are_checked() {

@@ -13,6 +13,10 @@
 //!   namespaces, which in the guest are the agent's: those become namespaces of the
 //!   container's own (`shareProcessNamespace` is not honoured yet); a spec without them
 //!   (`hostPID`) gets them added, and the agent refuses a container without them;
+//! * a CRI pod's sandbox (pause) container shares the guest's network, IPC and UTS namespaces
+//!   too, although CRI asks new ones for it: those are the pod's, which its app containers
+//!   share (their paths to the pause container's were dropped above). The agent then sets the
+//!   pod's hostname and namespaced sysctls in the guest's namespaces;
 //! * annotations are kept only if the configuration allow-lists them.
 
 use std::path::{Path, PathBuf};
@@ -220,6 +224,11 @@ pub fn rootfs_mount_points(spec: &Value, readonly: bool) -> Vec<MountPoint> {
 /// Rewrites `spec` for container `id` in the guest (see the module doc) and returns the host
 /// paths to bind mount into the share.
 pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBind>, SpecError> {
+    let cri_sandbox = spec
+        .pointer("/annotations")
+        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
+        .and_then(Value::as_str)
+        == Some(CRI_TYPE_SANDBOX);
     let obj = spec.as_object_mut().ok_or(SpecError::Field("(root)"))?;
     let root = obj
         .entry("root")
@@ -266,6 +275,13 @@ pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBi
             .as_array_mut()
             .ok_or(SpecError::Field("linux.namespaces"))?;
         namespaces.retain_mut(|ns| {
+            let pod_wide = matches!(
+                ns.get("type").and_then(Value::as_str),
+                Some("network" | "ipc" | "uts")
+            );
+            if cri_sandbox && pod_wide {
+                return false;
+            }
             let has_path = ns
                 .get("path")
                 .and_then(Value::as_str)
@@ -422,6 +438,33 @@ mod tests {
             spec["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "mount"}])
         );
+    }
+
+    /// A CRI pod's sandbox container shares the guest's network, IPC and UTS namespaces (the
+    /// pod's), as its app containers do; a `ctr run` container keeps the new ones it asks for.
+    #[test]
+    fn a_cri_sandbox_shares_the_pods_network_ipc_and_uts_namespaces() {
+        let namespaces = json!([
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc"},
+            {"type": "uts"},
+            {"type": "mount"},
+        ]);
+        let mut sandbox = json!({
+            "annotations": {CRI_CONTAINER_TYPE: "sandbox", CRI_SANDBOX_ID: "p1"},
+            "linux": {"namespaces": namespaces},
+        });
+        rewrite(&mut sandbox, "p1", &config(&[])).unwrap();
+        assert_eq!(
+            sandbox["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount"}])
+        );
+        let mut own = json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+        ]}});
+        rewrite(&mut own, "c", &config(&[])).unwrap();
+        assert_eq!(own["linux"]["namespaces"].as_array().unwrap().len(), 5);
     }
 
     #[test]

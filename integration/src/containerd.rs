@@ -28,7 +28,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use config::{containerd_config, husk_config_text};
+pub use config::{containerd_config, husk_config_text, CriConfig};
 pub use events::Event;
 pub use leftovers::{pod_processes, Leftovers, Proc, Snapshot, POD_PROGRAMS};
 
@@ -52,6 +52,17 @@ pub const TEST_IMAGE_ENV: &str = "HUSK_TEST_IMAGE";
 pub const IMAGE: &str = "docker.io/library/husk-busybox:test";
 /// The containerd namespace the tests use.
 pub const NAMESPACE: &str = "husk-test";
+/// The containerd namespace of the CRI plugin (Kubernetes' pods).
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The pod sandbox image xtask builds into the same archive (`xtask/src/image.rs`).
+pub const PAUSE_IMAGE: &str = "docker.io/library/husk-pause:test";
+/// Where Debian's containernetworking-plugins installs the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The bridge the CRI fixture's CNI network uses (made before the fixture's baseline, removed
+/// when it ends, like a node's `cni0`).
+pub const CNI_BRIDGE: &str = "husk-cni0";
+/// The CRI fixture's pod network.
+pub const CNI_SUBNET: &str = "10.88.7.0/24";
 /// Where the husk shim keeps per-sandbox state on the host (DESIGN.md "Rootfs and volumes").
 pub const HUSK_RUN_DIR: &str = "/run/husk";
 /// How long containerd may take to answer after start (the lab is slow).
@@ -116,6 +127,10 @@ pub struct Containerd {
     snapshotter: String,
     baseline: Snapshot,
     events: Option<Child>,
+    /// The containerd namespace: [`NAMESPACE`], or [`CRI_NAMESPACE`] with the CRI plugin on.
+    namespace: &'static str,
+    /// The CRI plugin is on (and [`CNI_BRIDGE`] exists).
+    cri: bool,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -127,6 +142,18 @@ impl Containerd {
 
     /// Starts containerd for `runtime` and imports the test image.
     pub fn start_with(runtime: Runtime) -> Containerd {
+        Self::start_inner(runtime, false)
+    }
+
+    /// Starts containerd with its CRI plugin on (runtime handlers `runc` and `husk`, a CNI
+    /// bridge network from Debian's plugins), the test and pause images imported into the CRI
+    /// namespace. The CRI client is [`crate::cri::Cri`]; `runtime` only decides which
+    /// helper binaries must exist.
+    pub fn start_cri(runtime: Runtime) -> Containerd {
+        Self::start_inner(runtime, true)
+    }
+
+    fn start_inner(runtime: Runtime, cri: bool) -> Containerd {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let image = required_path(TEST_IMAGE_ENV);
         let dir = tempfile::Builder::new()
@@ -135,7 +162,31 @@ impl Containerd {
             .expect("temp dir for containerd");
         let address = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
-        fs::write(&config, containerd_config(dir.path())).expect("write config.toml");
+        let namespace = if cri { CRI_NAMESPACE } else { NAMESPACE };
+        let husk_config = dir.path().join("husk.toml");
+        let cri_config = cri.then(|| {
+            let conf_dir = dir.path().join("cni");
+            fs::create_dir_all(&conf_dir).expect("CNI conf dir");
+            fs::write(
+                conf_dir.join("10-husk.conflist"),
+                cni_conflist(&dir.path().join("cni-ipam")),
+            )
+            .expect("write the CNI config");
+            assert!(
+                Path::new(CNI_BIN_DIR).join("bridge").is_file(),
+                "{CNI_BIN_DIR}/bridge is missing (apt package containernetworking-plugins, \
+                 installed by `cargo xtask setup`)"
+            );
+            make_bridge();
+            CriConfig {
+                sandbox_image: PAUSE_IMAGE.into(),
+                cni_bin_dir: CNI_BIN_DIR.into(),
+                cni_conf_dir: conf_dir.display().to_string(),
+                husk_config: husk_config.display().to_string(),
+            }
+        });
+        fs::write(&config, containerd_config(dir.path(), cri_config.as_ref()))
+            .expect("write config.toml");
 
         let mut path = OsString::new();
         let mut env: Vec<(String, OsString)> = Vec::new();
@@ -149,7 +200,6 @@ impl Containerd {
             let shim_dir = shim.parent().expect("shim directory");
             path.push(shim_dir);
             path.push(":");
-            let husk_config = dir.path().join("husk.toml");
             fs::write(&husk_config, husk_config_text(dir.path())).expect("write husk.toml");
             env.push(("HUSK_CONFIG".into(), husk_config.into_os_string()));
         }
@@ -160,7 +210,7 @@ impl Containerd {
         path.push(SYSTEM_PATH);
         env.push(("PATH".into(), path));
 
-        let baseline = Snapshot::take(dir.path(), NAMESPACE);
+        let baseline = Snapshot::take(dir.path(), namespace);
         let log = fs::File::create(dir.path().join("containerd.log")).expect("containerd.log");
         let child = Command::new(CONTAINERD)
             .arg("--config")
@@ -179,6 +229,8 @@ impl Containerd {
             snapshotter: "overlayfs".into(),
             baseline,
             events: None,
+            namespace,
+            cri,
             _serial: serial,
         };
         c.wait_ready();
@@ -193,10 +245,12 @@ impl Containerd {
         ]);
         assert_ok(&out, "ctr images import");
         let listed = c.ctr_ok(&["images", "ls", "-q"]);
-        assert!(
-            listed.lines().any(|l| l == IMAGE),
-            "{IMAGE} not among the imported images: {listed:?}"
-        );
+        for name in [IMAGE, PAUSE_IMAGE] {
+            assert!(
+                listed.lines().any(|l| l == name),
+                "{name} not among the imported images: {listed:?}"
+            );
+        }
         c
     }
 
@@ -264,7 +318,7 @@ impl Containerd {
             .unwrap_or_default()
             .lines()
             .filter_map(Event::parse)
-            .filter(|e| e.namespace == NAMESPACE)
+            .filter(|e| e.namespace == self.namespace)
             .collect()
     }
 
@@ -341,7 +395,7 @@ impl Containerd {
         cmd.arg("--address")
             .arg(&self.address)
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(self.namespace)
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -471,7 +525,7 @@ impl Containerd {
 
     /// What appeared since the fixture started and is still there (see [`Leftovers`]).
     pub fn leftovers(&self) -> Leftovers {
-        Snapshot::take(self.dir.path(), NAMESPACE).since(&self.baseline)
+        Snapshot::take(self.dir.path(), self.namespace).since(&self.baseline)
     }
 
     /// Polls [`Containerd::leftovers`] until it is empty (cleanup is asynchronous: shims
@@ -564,7 +618,57 @@ impl Drop for Containerd {
         }
         left.kill_processes();
         leftovers::unmount_under(self.dir.path());
+        if self.cri {
+            remove_bridge();
+        }
     }
+}
+
+/// The CRI fixture's CNI network (Debian's plugins): a bridge with the gateway address, addresses
+/// from host-local (its state under `ipam_dir`), and the loopback.
+pub fn cni_conflist(ipam_dir: &Path) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "husk-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": CNI_BRIDGE,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": CNI_SUBNET }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir.display().to_string(),
+                },
+            },
+        ],
+    })
+    .to_string()
+}
+
+/// Makes [`CNI_BRIDGE`] (CNI's bridge plugin would make it on the first pod, after the fixture's
+/// baseline, and never remove it).
+fn make_bridge() {
+    remove_bridge();
+    for args in [
+        &["link", "add", "name", CNI_BRIDGE, "type", "bridge"][..],
+        &["link", "set", CNI_BRIDGE, "up"][..],
+    ] {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("run ip (iproute2)");
+        assert_ok(&out, &format!("ip {}", args.join(" ")));
+    }
+}
+
+fn remove_bridge() {
+    let _ = Command::new("ip")
+        .args(["link", "del", CNI_BRIDGE])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Fails the test unless `out` is a success, quoting its output.

@@ -27,8 +27,14 @@ use crate::cache::{self, CacheKey};
 pub const TEST_IMAGE_ENV: &str = "HUSK_TEST_IMAGE";
 /// The name the image is imported under.
 pub const TEST_IMAGE_NAME: &str = "docker.io/library/husk-busybox:test";
+/// The same layer as a pod sandbox's image for containerd's CRI plugin (`sandbox_image`): its
+/// command sleeps until the pod is stopped, which is all a pause container does in a pod
+/// whose PID namespace it does not share.
+pub const PAUSE_IMAGE_NAME: &str = "docker.io/library/husk-pause:test";
+/// The pause image's command.
+const PAUSE_CMD: &[&str] = &["sleep", "2147483647"];
 /// Bump when the layout of the archive changes.
-const RECIPE: &str = "oci-busybox-image-v1";
+const RECIPE: &str = "oci-busybox-image-v2";
 
 /// Media types (OCI image spec, `media-types.md`).
 const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -72,46 +78,59 @@ pub fn build_test_image() -> Result<PathBuf> {
     let layer = layer_tar(&rootfs)?;
     let mut key = CacheKey::new(RECIPE);
     key.add("layer", &layer)
-        .add("name", TEST_IMAGE_NAME.as_bytes());
+        .add("name", TEST_IMAGE_NAME.as_bytes())
+        .add("pause", PAUSE_IMAGE_NAME.as_bytes())
+        .add("pause-cmd", PAUSE_CMD.join(" ").as_bytes());
     let out = cache::cache_dir()?
         .join("test-image")
         .join(key.short())
         .join("husk-busybox.oci.tar");
     if !out.is_file() {
-        let archive = image_archive(layer, TEST_IMAGE_NAME)?;
+        let archive = image_archive(
+            layer,
+            &[(TEST_IMAGE_NAME, &["sh"]), (PAUSE_IMAGE_NAME, PAUSE_CMD)],
+        )?;
         cache::write_atomically(&out, &archive, 0o644)?;
     }
     Ok(out)
 }
 
-/// The OCI image layout of a one-layer image named `name`, as a tar archive.
-pub fn image_archive(layer: Vec<u8>, name: &str) -> Result<Vec<u8>> {
+/// The OCI image layout of one-layer images, each `(name, command)` on the same layer, as a
+/// tar archive.
+pub fn image_archive(layer: Vec<u8>, images: &[(&str, &[&str])]) -> Result<Vec<u8>> {
     let layer = Blob::new(layer);
-    let config = Blob::new(serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Env": [IMAGE_PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/" },
-        // Uncompressed layer: its diff id is its digest.
-        "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
-        "history": [{ "created_by": "husk xtask: busybox-static rootfs" }],
-    }))?);
-    let manifest = Blob::new(serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_TYPE_MANIFEST,
-        "config": config.descriptor(MEDIA_TYPE_CONFIG),
-        "layers": [layer.descriptor(MEDIA_TYPE_LAYER)],
-    }))?);
-    let tag = name.rsplit_once(':').map_or("latest", |(_, t)| t);
-    let mut manifest_desc = manifest.descriptor(MEDIA_TYPE_MANIFEST);
-    manifest_desc["platform"] = json!({ "architecture": "amd64", "os": "linux" });
-    manifest_desc["annotations"] = json!({
-        ANNOTATION_CONTAINERD_NAME: name,
-        ANNOTATION_REF_NAME: tag,
-    });
+    let mut blobs = vec![layer.clone()];
+    let mut manifests = Vec::new();
+    for (name, cmd) in images {
+        let config = Blob::new(serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Env": [IMAGE_PATH_ENV], "Cmd": cmd, "WorkingDir": "/" },
+            // Uncompressed layer: its diff id is its digest.
+            "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
+            "history": [{ "created_by": "husk xtask: busybox-static rootfs" }],
+        }))?);
+        let manifest = Blob::new(serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_MANIFEST,
+            "config": config.descriptor(MEDIA_TYPE_CONFIG),
+            "layers": [layer.descriptor(MEDIA_TYPE_LAYER)],
+        }))?);
+        let tag = name.rsplit_once(':').map_or("latest", |(_, t)| t);
+        let mut manifest_desc = manifest.descriptor(MEDIA_TYPE_MANIFEST);
+        manifest_desc["platform"] = json!({ "architecture": "amd64", "os": "linux" });
+        manifest_desc["annotations"] = json!({
+            ANNOTATION_CONTAINERD_NAME: name,
+            ANNOTATION_REF_NAME: tag,
+        });
+        manifests.push(manifest_desc);
+        blobs.push(config);
+        blobs.push(manifest);
+    }
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_INDEX,
-        "manifests": [manifest_desc],
+        "manifests": manifests,
     }))?;
 
     let mut b = tar::Builder::new(Vec::new());
@@ -124,8 +143,11 @@ pub fn image_archive(layer: Vec<u8>, name: &str) -> Result<Vec<u8>> {
     append_file(&mut b, "index.json", 0o644, &index)?;
     append_dir(&mut b, "blobs/")?;
     append_dir(&mut b, "blobs/sha256/")?;
-    for blob in [&layer, &config, &manifest] {
-        append_file(&mut b, &blob.path(), 0o644, &blob.data)?;
+    let mut written = std::collections::HashSet::new();
+    for blob in &blobs {
+        if written.insert(blob.digest.clone()) {
+            append_file(&mut b, &blob.path(), 0o644, &blob.data)?;
+        }
     }
     Ok(b.into_inner()?)
 }
@@ -202,6 +224,7 @@ pub fn run() -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "image={}", path.display())?;
     writeln!(out, "name={TEST_IMAGE_NAME}")?;
+    writeln!(out, "pause={PAUSE_IMAGE_NAME}")?;
     Ok(())
 }
 
@@ -272,7 +295,14 @@ mod tests {
     fn layout_digests_sizes_and_name_agree() {
         let dir = sample_tree();
         let layer = layer_tar(dir.path()).unwrap();
-        let archive = image_archive(layer.clone(), "docker.io/library/x:t1").unwrap();
+        let archive = image_archive(
+            layer.clone(),
+            &[
+                ("docker.io/library/x:t1", &["sh"]),
+                ("docker.io/library/p:t2", &["sleep", "9"]),
+            ],
+        )
+        .unwrap();
         let m = members(&archive);
         let blob = |desc: &serde_json::Value| -> Vec<u8> {
             let digest = desc["digest"].as_str().unwrap();
@@ -307,5 +337,21 @@ mod tests {
             manifest["layers"][0]["digest"]
         );
         assert_eq!(config["os"], "linux");
+        assert_eq!(config["config"]["Cmd"], serde_json::json!(["sh"]));
+        // The second image shares the layer (one blob) and has its own command.
+        let pause = &index["manifests"][1];
+        assert_eq!(
+            pause["annotations"][ANNOTATION_CONTAINERD_NAME],
+            "docker.io/library/p:t2"
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(pause)).unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&blob(&manifest["config"])).unwrap();
+        assert_eq!(config["config"]["Cmd"], serde_json::json!(["sleep", "9"]));
+        assert_eq!(blob(&manifest["layers"][0]), layer);
+        let blobs = m
+            .keys()
+            .filter(|k| k.starts_with("blobs/sha256/") && !k.ends_with('/'))
+            .count();
+        assert_eq!(blobs, 5, "one layer, two configs, two manifests");
     }
 }

@@ -30,6 +30,10 @@ pub const APT_PACKAGES: &[&str] = &[
     // end-to-end tests and the baseline runtime
     "containerd",
     "runc",
+    // the CRI tests: the pod network (CNI's bridge, host-local, loopback) and the CRI
+    // client's bindings, generated at build time with protoc
+    "containernetworking-plugins",
+    "protobuf-compiler",
     "libseccomp-dev",
     "libcap-ng-dev",
 ];
@@ -48,7 +52,17 @@ pub fn ensure() -> Result<()> {
         install_packages(&missing)?;
     }
     ensure_rust_target()?;
+    ensure_cni_dir()?;
     ensure_virtiofsd()
+}
+
+/// Where CNI's libraries keep their results cache (fixed in containerd 1.6's CRI plugin). The
+/// lab mounts a fresh tmpfs on it, which needs the directory on the host's read-only root.
+const CNI_STATE_DIR: &str = "/var/lib/cni";
+
+fn ensure_cni_dir() -> Result<()> {
+    std::fs::create_dir_all(CNI_STATE_DIR)
+        .with_context(|| format!("Cannot create {CNI_STATE_DIR} (CNI's state directory)"))
 }
 
 /// Runs [`ensure`] and says so: the `setup` subcommand.

@@ -3,7 +3,8 @@
 //! A [`Snapshot`] lists the host state a pod may create: processes of the runtime (husk-vmm,
 //! virtiofsd, the shims), mounts under the fixture's temp dir or `/run/husk`, entries of
 //! `/run/husk`, shim sockets in `/run/containerd/s`, bundles in containerd's state and runc's
-//! state for the test namespace. Comparing it with the snapshot taken when the fixture started
+//! state for the test namespace, pinned network namespaces (`/run/netns`, mounts and entries)
+//! and network interfaces. Comparing it with the snapshot taken when the fixture started
 //! gives the [`Leftovers`]; the tests assert that it is empty once their pods are gone.
 
 use std::collections::BTreeSet;
@@ -29,6 +30,10 @@ const FIFO_DIR: &str = "/run/containerd/fifo";
 const RUNC_STATE_DIR: &str = "/run/containerd/runc";
 /// containerd's bundle directory for v2 tasks, under its state dir.
 const BUNDLE_DIR: &str = "state/io.containerd.runtime.v2.task";
+/// Where containerd's CRI plugin pins a pod's network namespace (`/var/run/netns/cni-…`).
+const NETNS_DIR: &str = "/run/netns";
+/// The host's network interfaces (a pod's veth, a VM's tap).
+const NET_DEVICES_DIR: &str = "/sys/class/net";
 
 /// A process seen in `/proc`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,9 +57,10 @@ pub struct Snapshot {
 pub struct Leftovers {
     /// Pod processes ([`POD_PROGRAMS`]).
     pub processes: Vec<Proc>,
-    /// Mount points under the fixture's dir or `/run/husk`.
+    /// Mount points under the fixture's dir, `/run/husk` or `/run/netns`.
     pub mounts: Vec<String>,
-    /// `/run/husk` entries, shim sockets, ctr's fifos, bundles and runc state.
+    /// `/run/husk` entries, shim sockets, ctr's fifos, bundles, runc state, pinned network
+    /// namespaces and network interfaces.
     pub paths: Vec<PathBuf>,
 }
 
@@ -68,13 +74,17 @@ impl Snapshot {
             PathBuf::from(FIFO_DIR),
             Path::new(RUNC_STATE_DIR).join(namespace),
             dir.join(BUNDLE_DIR).join(namespace),
+            PathBuf::from(NETNS_DIR),
+            PathBuf::from(NET_DEVICES_DIR),
         ] {
             paths.extend(list_dir(&d));
         }
         let dir_text = dir.display().to_string();
         let mounts = mount_points()
             .into_iter()
-            .filter(|m| is_under(m, &dir_text) || is_under(m, HUSK_RUN_DIR))
+            .filter(|m| {
+                is_under(m, &dir_text) || is_under(m, HUSK_RUN_DIR) || is_under(m, NETNS_DIR)
+            })
             .collect();
         Snapshot {
             processes: pod_processes().into_iter().collect(),

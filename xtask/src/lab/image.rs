@@ -27,7 +27,8 @@ const APPLETS: &[&str] = &[
 ];
 /// Modules the lab loads, in this order (each after its dependencies): KVM first, so
 /// `/dev/kvm` appears as early as possible, then virtio-mmio and 9p for the shares, then
-/// overlayfs for container snapshots inside the lab, tun for the virtio-net tests.
+/// overlayfs for container snapshots inside the lab, tun for the virtio-net tests, then pod
+/// networking (CNI's bridge and veth, tc).
 pub const LAB_MODULES: &[&str] = &[
     "kvm-amd",
     "virtio_mmio",
@@ -38,6 +39,14 @@ pub const LAB_MODULES: &[&str] = &[
     "vhost_vsock",
     // Taps for husk-vmm's virtio-net device (`/dev/net/tun`).
     "tun",
+    // CNI's bridge plugin for the CRI tests (a bridge and a veth per pod), and tc's ingress
+    // qdisc, matchall filter and mirred action, with which the shim joins a pod's CNI
+    // interface to its tap.
+    "bridge",
+    "veth",
+    "sch_ingress",
+    "cls_matchall",
+    "act_mirred",
 ];
 /// The `console` device node (`Documentation/admin-guide/devices.txt`).
 const CONSOLE_MAJOR: u32 = 5;

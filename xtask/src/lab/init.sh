@@ -64,6 +64,9 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
+# CNI keeps its results cache in /var/lib/cni (`cargo xtask setup` makes the directory on the
+# host, as a node has it): writable here, fresh for every lab.
+[ -d /newroot/var/lib/cni ] && mount -t tmpfs -o mode=700 tmpfs /newroot/var/lib/cni
 mkdir -p /newroot/run/husk-lab
 mount --bind /job /newroot/run/husk-lab
 set -- $RW_SHARES

@@ -1,0 +1,188 @@
+//! Kubernetes pods on the runtime under test, through containerd's CRI plugin: the calls a
+//! kubelet makes (RunPodSandbox, CreateContainer, StartContainer, ExecSync, ContainerStatus,
+//! RemoveContainer, StopPodSandbox, RemovePodSandbox), with CNI's bridge network from Debian's
+//! plugins, asserting what a user of the pod sees. `HUSK_TEST_RUNTIME=io.containerd.runc.v2` runs
+//! the same tests with the `runc` handler to prove the harness. Every test ends with nothing of
+//! its pods left on the host (processes, mounts, `/run/husk`, pinned network namespaces,
+//! interfaces).
+
+mod client;
+
+use std::time::Duration;
+
+use client::Cri;
+use husk_integration::containerd::{Runtime, CNI_SUBNET};
+
+/// How long a pod's teardown may take to leave nothing behind.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a short container may take to run and exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One pod as a kubelet runs it: the pod gets an address from CNI, its containers the DNS
+/// config and hostname the pod asked for, ExecSync returns stdout, stderr and the exit code
+/// apart, and the container's output lands in its CRI log file, tagged by stream.
+#[test]
+fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
+    let cri = Cri::start();
+    let mut pod = cri.pod_config("web");
+    pod.dns_config = Some(Cri::cluster_dns("10.96.0.10", "default.svc.cluster.local"));
+    let pod_id = cri.run_pod(&pod);
+
+    let status = cri.pod_status(&pod_id);
+    let ip = status
+        .network
+        .as_ref()
+        .map(|n| n.ip.clone())
+        .unwrap_or_default();
+    let prefix = CNI_SUBNET.trim_end_matches("0/24");
+    assert!(
+        ip.starts_with(prefix),
+        "the pod's CRI-reported IP {ip:?} is not in the CNI subnet {CNI_SUBNET}"
+    );
+
+    let main = cri.container_config(
+        "main",
+        0,
+        &["sh", "-c", "echo out; echo err >&2; exec sleep 100000"],
+    );
+    let id = cri.start_container(&pod_id, &pod, main.clone());
+
+    let resolv = cri.exec_ok(&id, &["cat", "/etc/resolv.conf"]);
+    for want in [
+        "nameserver 10.96.0.10",
+        "search default.svc.cluster.local",
+        "options ndots:5",
+    ] {
+        assert!(
+            resolv.lines().any(|l| l.trim() == want),
+            "resolv.conf lacks {want:?}:\n{resolv}"
+        );
+    }
+    assert_eq!(cri.exec_ok(&id, &["hostname"]), "web\n");
+    assert_eq!(
+        cri.exec_ok(&id, &["sh", "-c", "echo $HUSK_CRI_TEST"]),
+        "1\n"
+    );
+
+    let r = cri.exec_sync(&id, &["sh", "-c", "echo o; echo e >&2; exit 3"], 60);
+    assert_eq!(
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).as_ref(),
+            String::from_utf8_lossy(&r.stderr).as_ref()
+        ),
+        (3, "o\n", "e\n"),
+        "ExecSync's exit code, stdout and stderr"
+    );
+
+    let lines = cri.wait_log(&pod, &main, Duration::from_secs(30), |l| l.len() >= 2);
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![
+            ("stderr".to_string(), "err".to_string()),
+            ("stdout".to_string(), "out".to_string()),
+        ],
+        "the container's CRI log"
+    );
+
+    cri.remove_pod(&pod_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}
+
+/// critest's restart: a container writes to a host path volume and exits, is removed, and its
+/// successor (attempt 1) in the same pod reads what it wrote; a read-only host path refuses a
+/// write. Under husk both containers run in the pod's one VM, which lives until the pod ends.
+#[test]
+fn a_restarted_container_reads_what_its_predecessor_wrote() {
+    let cri = Cri::start();
+    let volume = tempfile::tempdir().expect("volume dir");
+    let readonly = tempfile::tempdir().expect("read-only volume dir");
+    std::fs::write(readonly.path().join("given"), "from the host\n").unwrap();
+    let pod = cri.pod_config("restart");
+    let pod_id = cri.run_pod(&pod);
+    let vmms = || cri.containerd().leftovers().count_program("husk-vmm");
+    let vmms_with_pod = vmms();
+    if cri.runtime() == Runtime::Husk {
+        assert!(vmms_with_pod >= 1, "no husk-vmm runs the pod");
+    }
+
+    let mounts = vec![
+        Cri::host_path(volume.path(), "/data", false),
+        Cri::host_path(readonly.path(), "/given", true),
+    ];
+    let mut first = cri.container_config(
+        "app",
+        0,
+        &[
+            "sh",
+            "-c",
+            "echo written-by-attempt-0 > /data/note && cat /given/given \
+             && if echo x > /given/new; then exit 9; fi",
+        ],
+    );
+    first.mounts = mounts.clone();
+    let id = cri.start_container(&pod_id, &pod, first.clone());
+    let status = cri.wait_exited(&id, EXIT_TIMEOUT);
+    assert_eq!(status.exit_code, 0, "attempt 0: {status:?}");
+    let lines = cri.log_lines(&pod, &first);
+    assert!(
+        lines.contains(&("stdout".into(), "from the host".into())),
+        "attempt 0 did not read the read-only volume: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|(s, t)| s == "stderr" && t.contains("Read-only file system")),
+        "attempt 0's write to the read-only volume was not refused as runc refuses it: {lines:?}"
+    );
+    assert!(!readonly.path().join("new").exists());
+    cri.remove_container(&id);
+
+    let mut second = cri.container_config("app", 1, &["cat", "/data/note"]);
+    second.mounts = mounts;
+    let id = cri.start_container(&pod_id, &pod, second.clone());
+    let status = cri.wait_exited(&id, EXIT_TIMEOUT);
+    assert_eq!(status.exit_code, 0, "attempt 1: {status:?}");
+    assert_eq!(
+        cri.log_lines(&pod, &second),
+        vec![("stdout".to_string(), "written-by-attempt-0".to_string())]
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.path().join("note")).unwrap(),
+        "written-by-attempt-0\n"
+    );
+    assert_eq!(
+        vmms(),
+        vmms_with_pod,
+        "the pod's VM changed between its containers"
+    );
+    cri.remove_container(&id);
+
+    cri.remove_pod(&pod_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}
+
+/// A pod's namespaced sysctls (here `net.ipv4.ip_unprivileged_port_start`, which Kubernetes
+/// allows by default) apply to its containers.
+#[test]
+fn sandbox_sysctls_reach_the_pods_containers() {
+    let cri = Cri::start();
+    let pod = Cri::with_sysctls(
+        cri.pod_config("sysctls"),
+        &[("net.ipv4.ip_unprivileged_port_start", "80")],
+    );
+    let pod_id = cri.run_pod(&pod);
+    let main = cri.container_config("main", 0, &["sleep", "100000"]);
+    let id = cri.start_container(&pod_id, &pod, main);
+    assert_eq!(
+        cri.exec_ok(
+            &id,
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"]
+        ),
+        "80\n"
+    );
+    cri.remove_pod(&pod_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}

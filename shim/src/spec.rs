@@ -49,6 +49,9 @@ pub enum SpecError {
     /// The CRI sandbox id is not a valid id
     #[error("The sandbox id {0:?} (annotation io.kubernetes.cri.sandbox-id) is not a valid id: 1 to 128 of [A-Za-z0-9_.-], starting with a letter or digit")]
     SandboxId(String),
+    /// A Kubernetes pod asks for the host's network namespace (`hostNetwork: true`)
+    #[error("husk cannot run a hostNetwork pod: its containers run in a VM, which cannot share the host's network stack (run the pod with runc, or without hostNetwork)")]
+    HostNetwork,
     /// A mount source is not usable
     #[error("Mount source {0} must be an absolute path without `..`")]
     MountSource(String),
@@ -85,6 +88,11 @@ pub fn pod_membership(id: &str, spec: &Value) -> Result<PodMembership, SpecError
         .pointer("/annotations")
         .and_then(|a| a.get(CRI_CONTAINER_TYPE))
         .and_then(Value::as_str);
+    // CRI leaves the network namespace out of a hostNetwork pod's sandbox spec (runc then
+    // shares the host's). A VM has its own stack: refused before anything is created.
+    if container_type == Some(CRI_TYPE_SANDBOX) && !has_namespace(spec, "network") {
+        return Err(SpecError::HostNetwork);
+    }
     Ok(match sandbox_annotation(spec)? {
         Some(sandbox_id) => PodMembership {
             sandbox_id: sandbox_id.to_owned(),
@@ -95,6 +103,16 @@ pub fn pod_membership(id: &str, spec: &Value) -> Result<PodMembership, SpecError
             is_sandbox: true,
         },
     })
+}
+
+/// Whether the spec has a `linux.namespaces` entry of type `kind`.
+fn has_namespace(spec: &Value, kind: &str) -> bool {
+    spec.pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|n| {
+            n.iter()
+                .any(|ns| ns.get("type").and_then(Value::as_str) == Some(kind))
+        })
 }
 
 /// The sandbox id from a bundle's `config.json` (for `start`, which groups the containers of
@@ -560,7 +578,10 @@ mod tests {
                 is_sandbox: true
             }
         );
-        let sandbox = json!({"annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "sandbox"}});
+        let sandbox = json!({
+            "annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "sandbox"},
+            "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}]},
+        });
         assert!(pod_membership("p1", &sandbox).unwrap().is_sandbox);
         let member =
             json!({"annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "container"}});
@@ -575,6 +596,22 @@ mod tests {
         assert_eq!(grouping_sandbox_id(&bytes).unwrap().as_deref(), Some("p1"));
         assert_eq!(grouping_sandbox_id(b"{}").unwrap(), None);
         assert_eq!(grouping_sandbox_id(b"garbage").unwrap(), None);
+    }
+
+    /// A hostNetwork pod (CRI leaves the network namespace out of its sandbox's spec) is
+    /// refused with the reason; its app containers never get that far.
+    #[test]
+    fn a_host_network_pod_is_refused() {
+        let host_network = json!({
+            "annotations": {CRI_SANDBOX_ID: "p1", CRI_CONTAINER_TYPE: "sandbox"},
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]},
+        });
+        let err = pod_membership("p1", &host_network).unwrap_err();
+        assert!(matches!(err, SpecError::HostNetwork), "{err:?}");
+        assert!(err.to_string().contains("hostNetwork"), "{err}");
+        // A `ctr run --net-host` container is no pod sandbox: it runs in its VM's network.
+        let plain = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
+        assert!(pod_membership("c1", &plain).is_ok());
     }
 
     /// S4: the sandbox id names the pod directory; `..` or a `/` must never get that far.

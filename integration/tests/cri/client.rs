@@ -19,9 +19,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec, KeyValue,
-    LinuxPodSandboxConfig, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStatus, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StatusRequest, StopPodSandboxRequest,
+    LinuxPodSandboxConfig, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStatus, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -189,14 +190,26 @@ impl Cri {
 
     /// RunPodSandbox with the runtime under test's handler; returns the pod's id.
     pub fn run_pod(&self, config: &PodSandboxConfig) -> String {
+        self.try_run_pod(config).unwrap_or_else(|status| {
+            panic!(
+                "CRI RunPodSandbox failed: {:?}: {}\n--- containerd log ---\n{}",
+                status.code(),
+                status.message(),
+                self.containerd.log_tail()
+            )
+        })
+    }
+
+    /// RunPodSandbox, returning its error status.
+    pub fn try_run_pod(&self, config: &PodSandboxConfig) -> Result<String, tonic::Status> {
         let request = RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: self.handler().into(),
         };
-        self.call("RunPodSandbox", |mut c| async move {
+        self.try_call("RunPodSandbox", |mut c| async move {
             c.run_pod_sandbox(request).await
         })
-        .pod_sandbox_id
+        .map(|r| r.pod_sandbox_id)
     }
 
     /// A container of the test image running `argv` (as the image's command), its CRI log file
@@ -390,6 +403,17 @@ impl Cri {
             searches: vec![search.into()],
             options: vec!["ndots:5".into()],
         }
+    }
+
+    /// `hostNetwork: true` on a pod config.
+    pub fn with_host_network(mut pod: PodSandboxConfig) -> PodSandboxConfig {
+        let linux = pod.linux.get_or_insert_with(Default::default);
+        let security = linux.security_context.get_or_insert_with(Default::default);
+        let options = security
+            .namespace_options
+            .get_or_insert_with(Default::default);
+        options.network = NamespaceMode::Node as i32;
+        pod
     }
 
     /// Sandbox sysctls on a pod config.

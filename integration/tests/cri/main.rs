@@ -186,3 +186,29 @@ fn sandbox_sysctls_reach_the_pods_containers() {
     cri.remove_pod(&pod_id);
     cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
 }
+
+/// A hostNetwork pod: runc runs it in the host's network namespace; husk refuses it with the
+/// reason (a VM cannot share the host's network stack) and leaves nothing behind.
+#[test]
+fn a_host_network_pod_is_refused_with_the_reason_under_husk() {
+    let cri = Cri::start();
+    let pod = Cri::with_host_network(cri.pod_config("hostnet"));
+    match cri.runtime() {
+        Runtime::Husk => {
+            let err = cri
+                .try_run_pod(&pod)
+                .expect_err("husk ran a hostNetwork pod");
+            assert!(
+                err.message().contains("husk cannot run a hostNetwork pod"),
+                "RunPodSandbox's error does not say why: {:?}: {}",
+                err.code(),
+                err.message()
+            );
+        }
+        Runtime::Runc => {
+            let pod_id = cri.run_pod(&pod);
+            cri.remove_pod(&pod_id);
+        }
+    }
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}

@@ -147,8 +147,8 @@ impl Containerd {
 
     /// Starts containerd with its CRI plugin on (runtime handlers `runc` and `husk`, a CNI
     /// bridge network from Debian's plugins), the test and pause images imported into the CRI
-    /// namespace. The CRI client is [`crate::cri::Cri`]; `runtime` only decides which
-    /// helper binaries must exist.
+    /// namespace. The CRI client is the CRI tests' (`tests/cri/client.rs`); `runtime` only
+    /// decides which helper binaries must exist.
     pub fn start_cri(runtime: Runtime) -> Containerd {
         Self::start_inner(runtime, true)
     }

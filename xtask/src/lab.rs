@@ -138,6 +138,18 @@ pub struct L1Died {
     pub why: String,
     /// What the command printed before.
     pub seen: Seen,
+    /// Its output so far, when it was captured (a soak keeps it in the run's log).
+    pub output: String,
+}
+
+/// The command ran past the lab's time limit and was cut off; its output so far, when captured.
+#[derive(Debug, thiserror::Error)]
+#[error("LAB FAILED: {why}")]
+pub struct RunLost {
+    /// What happened.
+    pub why: String,
+    /// Its output so far, when it was captured.
+    pub output: String,
 }
 
 /// The result of a lab run.
@@ -261,8 +273,10 @@ impl LabRun {
                         console.join("\n")
                     )
                 }
-                qemu::Ended::RunLost { why } => bail!("LAB FAILED: {why}"),
-                qemu::Ended::L1Died { why, seen } => return Err(L1Died { why, seen }.into()),
+                qemu::Ended::RunLost { why, output } => return Err(RunLost { why, output }.into()),
+                qemu::Ended::L1Died { why, seen, output } => {
+                    return Err(L1Died { why, seen, output }.into())
+                }
                 qemu::Ended::BootLost { why, console }
                     if husk_integration::lab_retry::retry_l1_boot(retries, &why) =>
                 {

@@ -286,8 +286,12 @@ fn one_lab_run(
     Ok(match lab.run() {
         Ok(o) if o.exit_code == 0 => (Ok(o.seen.guest_retries), o.output),
         Ok(o) => (Err(classify_failure(&o.output, o.exit_code)), o.output),
-        Err(e) => match e.downcast_ref::<lab::L1Died>() {
-            Some(died) => (
+        // A run cut off or whose L1 died keeps what it printed until then in its log.
+        Err(e) => match (
+            e.downcast_ref::<lab::L1Died>(),
+            e.downcast_ref::<lab::RunLost>(),
+        ) {
+            (Some(died), _) => (
                 Err(format!(
                     "L1 died{}: {}",
                     if died.seen.failure_printed {
@@ -297,9 +301,10 @@ fn one_lab_run(
                     },
                     died.why
                 )),
-                String::new(),
+                died.output.clone(),
             ),
-            None => (Err(format!("lab failed: {e:#}")), String::new()),
+            (None, Some(lost)) => (Err(format!("lab failed: {e:#}")), lost.output.clone()),
+            (None, None) => (Err(format!("lab failed: {e:#}")), String::new()),
         },
     })
 }

@@ -120,10 +120,19 @@ pub enum Ended {
     /// The L1 died or hung before the command started (may be retried).
     BootLost { why: String, console: Vec<String> },
     /// The run timed out while the command ran (never retried).
-    RunLost { why: String },
+    RunLost {
+        why: String,
+        /// What the command printed (with [`Output::Capture`]).
+        output: String,
+    },
     /// The L1 itself ended (reset, triple fault, panic) while the command ran: the command's
     /// outcome is unknown. The lab never retries it; a caller may, within its own budget.
-    L1Died { why: String, seen: Seen },
+    L1Died {
+        why: String,
+        seen: Seen,
+        /// What the command printed (with [`Output::Capture`]).
+        output: String,
+    },
 }
 
 /// QEMU's command line for `launch` (without the program name).
@@ -346,6 +355,7 @@ pub fn launch_once(
                     break Some(Ended::L1Died {
                         why: format!("{why}; {states}"),
                         seen,
+                        output: std::mem::take(&mut captured),
                     });
                 }
                 last_output = Instant::now();
@@ -363,6 +373,7 @@ pub fn launch_once(
                     },
                     Some(_) => Ended::RunLost {
                         why: format!("the command did not finish within {run_timeout:?}"),
+                        output: std::mem::take(&mut captured),
                     },
                 });
             }
@@ -434,6 +445,7 @@ pub fn launch_once(
         (None, Some(_)) => Ended::L1Died {
             why: format!("QEMU ended ({status}) while the command ran, without an exit status"),
             seen,
+            output: captured,
         },
     })
 }

@@ -14,6 +14,7 @@
 
 mod cgroup;
 mod container;
+mod iface;
 mod init;
 mod mount;
 mod net;

@@ -16,6 +16,7 @@ use husk_agent_api::agent::{
     ShutdownRequest, ShutdownResponse, SignalProcessRequest, SignalProcessResponse,
     StartContainerRequest, StartContainerResponse, StatsContainerRequest, StatsContainerResponse,
     TtyWinResizeRequest, TtyWinResizeResponse, UpdateContainerRequest, UpdateContainerResponse,
+    UpdateInterfaceRequest, UpdateInterfaceResponse, UpdateRoutesRequest, UpdateRoutesResponse,
     VersionRequest, VersionResponse, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_agent_api::API_REVISION;
@@ -24,6 +25,7 @@ use tracing::{debug, info};
 use ttrpc::r#async::TtrpcContext;
 
 use crate::container::{ContainerError, Containers};
+use crate::iface::{self, IfaceError};
 use crate::reaper::Exit;
 use crate::sysinfo::{self, SysInfoError};
 
@@ -46,6 +48,13 @@ impl From<SysInfoError> for ttrpc::Error {
 impl From<ContainerError> for ttrpc::Error {
     fn from(err: ContainerError) -> Self {
         debug!(error = %err, "request refused");
+        status(err.code(), &err)
+    }
+}
+
+impl From<IfaceError> for ttrpc::Error {
+    fn from(err: IfaceError) -> Self {
+        debug!(error = %err, "network request refused");
         status(err.code(), &err)
     }
 }
@@ -305,5 +314,23 @@ impl husk_agent_api::Agent for AgentService {
             container_id: self.containers.next_oom().await,
             ..Default::default()
         })
+    }
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<UpdateInterfaceResponse> {
+        iface::update_interface(&req).await?;
+        Ok(UpdateInterfaceResponse::default())
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<UpdateRoutesResponse> {
+        iface::update_routes(&req).await?;
+        Ok(UpdateRoutesResponse::default())
     }
 }

@@ -7,8 +7,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// The vnet header size husk-vmm's device passes frames with.
-pub const VNET_HDR_SIZE: i32 = 12;
+pub use husk_shim::network::VNET_HDR_SIZE;
 
 fn request(name: &str) -> io::Result<libc::ifreq> {
     // SAFETY: ifreq is plain old data; zeroes are a valid value.
@@ -33,29 +32,9 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates tap `name` in the calling thread's network namespace and returns its descriptor
-/// (close-on-exec).
-pub fn open(name: &str) -> io::Result<OwnedFd> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    let mut req = request(name)?;
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-    // SAFETY: TUNSETIFF reads and updates the ifreq, which outlives the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF as libc::Ioctl, &mut req) };
-    check(rc, "TUNSETIFF")?;
-    // SAFETY: TUNSETVNETHDRSZ reads one int, which outlives the call.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            libc::TUNSETVNETHDRSZ as libc::Ioctl,
-            &VNET_HDR_SIZE,
-        )
-    };
-    check(rc, "TUNSETVNETHDRSZ")?;
-    Ok(OwnedFd::from(file))
-}
+/// Creates tap `name` in the calling thread's network namespace, as the shim does in a pod's
+/// network namespace, and returns its descriptor (close-on-exec).
+pub use husk_shim::network::open_tap as open;
 
 /// Gives interface `name` the address `addr`/24 and brings it up.
 pub fn set_ipv4_up(name: &str, addr: [u8; 4]) -> io::Result<()> {

@@ -98,7 +98,7 @@ pub struct VmOptions {
 }
 
 /// The descriptor number the tap gets in husk-vmm's process.
-pub const NET_TAP_FD: i32 = 3;
+pub const NET_TAP_FD: i32 = husk_shim::vmm::NET_TAP_FD;
 
 impl Default for VmOptions {
     fn default() -> Self {
@@ -271,22 +271,11 @@ impl Vm {
             }
         };
         if let Some((tap, _)) = &opts.net {
-            let raw = std::os::fd::AsRawFd::as_raw_fd(tap.as_ref());
-            // SAFETY: the closure runs in the child between fork and exec and only makes
-            // async-signal-safe calls (dup2, fcntl) on descriptors it inherited.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    let rc = if raw == NET_TAP_FD {
-                        libc::fcntl(raw, libc::F_SETFD, 0)
-                    } else {
-                        libc::dup2(raw, NET_TAP_FD)
-                    };
-                    if rc < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            husk_shim::vmm::inherit_fd(
+                &mut cmd,
+                std::os::fd::AsRawFd::as_raw_fd(tap.as_ref()),
+                NET_TAP_FD,
+            );
         }
         let child = cmd
             .env(

@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod io;
 pub mod mount;
+pub mod network;
 pub mod sandbox;
 pub mod service;
 pub mod spec;

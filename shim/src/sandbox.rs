@@ -10,6 +10,7 @@
 //! [`Sandbox::stop`] shuts the guest down (or kills it), then unmounts and removes the
 //! directory. A failed start undoes everything it did.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -21,7 +22,8 @@ use tracing::{debug, info, warn};
 use crate::agent::{AgentClient, AgentError, CreateSandboxRequest, ShareSource, AGENT_VSOCK_PORT};
 use crate::config::Config;
 use crate::mount::{self, MountError};
-use crate::vmm::{Console, VirtiofsdCommand, VmmCommand};
+use crate::network::{self, NetworkError, PodNetwork};
+use crate::vmm::{Console, NetDevice, VirtiofsdCommand, VmmCommand, NET_TAP_FD};
 
 /// The virtio-fs tag of the share (docs/contracts.md).
 pub const SHARE_TAG: &str = "husk";
@@ -100,6 +102,9 @@ pub enum SandboxError {
     /// The agent did not answer or refused the sandbox
     #[error("The guest agent failed while the pod started")]
     Agent(#[source] AgentError),
+    /// The pod's network namespace cannot be connected to the VM
+    #[error("Cannot connect the pod's network to its VM")]
+    Network(#[source] NetworkError),
 }
 
 /// A running pod VM.
@@ -112,6 +117,8 @@ pub struct Sandbox {
     agent: AgentClient,
     exited: watch::Receiver<Option<String>>,
     kill: std::sync::Arc<Notify>,
+    /// The pod's network namespace and the interface connected to the VM there.
+    network: Option<(PathBuf, String)>,
 }
 
 /// Files of a pod directory.
@@ -293,8 +300,14 @@ fn spawn(
 }
 
 impl Sandbox {
-    /// Starts the VM of pod `id` with `config`; `hostname` is the guest's.
-    pub async fn start(id: &str, config: &Config, hostname: &str) -> Result<Self, SandboxError> {
+    /// Starts the VM of pod `id` with `config`; `hostname` is the guest's; `netns` is the
+    /// pod's network namespace (CRI's), whose interface the VM gets.
+    pub async fn start(
+        id: &str,
+        config: &Config,
+        hostname: &str,
+        netns: Option<&Path>,
+    ) -> Result<Self, SandboxError> {
         let layout = Layout::new(&config.state_dir, id);
         layout.check(hostname)?;
         if layout.dir.exists() {
@@ -305,9 +318,28 @@ impl Sandbox {
             source,
         };
         std::fs::create_dir_all(&layout.dir).map_err(dir_error)?;
-        match Self::start_in(id, config, hostname, &layout).await {
+        let network = match netns {
+            Some(netns) => {
+                let netns = netns.to_owned();
+                tokio::task::spawn_blocking(move || network::connect(&netns))
+                    .await
+                    .unwrap_or_else(|_| Err(NetworkError::Panicked(PathBuf::new())))
+                    .map_err(|e| {
+                        remove_dir(&layout.dir);
+                        SandboxError::Network(e)
+                    })?
+            }
+            None => None,
+        };
+        let connected = network
+            .as_ref()
+            .map(|n| (n.netns.clone(), n.interface.name.clone()));
+        match Self::start_in(id, config, hostname, &layout, network).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
+                if let Some((netns, name)) = connected {
+                    disconnect(netns, name).await;
+                }
                 remove_dir(&layout.dir);
                 Err(e)
             }
@@ -319,6 +351,7 @@ impl Sandbox {
         config: &Config,
         hostname: &str,
         layout: &Layout,
+        network: Option<PodNetwork>,
     ) -> Result<Self, SandboxError> {
         mount::make_share(&layout.mounts, &layout.shared).map_err(SandboxError::Mount)?;
         let fs_cmd =
@@ -363,8 +396,35 @@ impl Sandbox {
             })?;
             vmm_cmd = vmm_cmd.jail(jail, config.vmm_uid, config.vmm_gid);
         }
+        if let Some(network) = &network {
+            vmm_cmd = vmm_cmd.net(NetDevice {
+                tap_fd: NET_TAP_FD,
+                mac: network::format_mac(&network.interface.mac),
+                mtu: u16::try_from(network.interface.mtu).ok(),
+            });
+        }
+        let mut command = vmm_cmd.command();
+        if let Some(network) = &network {
+            crate::vmm::inherit_fd(&mut command, network.tap.as_raw_fd(), NET_TAP_FD);
+        }
         let vmm_log = layout.dir.join("vmm.log");
-        let vmm = spawn("husk-vmm", &config.vmm_path, vmm_cmd.command(), &vmm_log)?;
+        let vmm = spawn("husk-vmm", &config.vmm_path, command, &vmm_log)?;
+        // The VMM holds the tap now: it goes away when the VMM does.
+        let (network, guest_net) = match network {
+            Some(PodNetwork {
+                netns,
+                tap,
+                interface,
+                routes,
+            }) => {
+                drop(tap);
+                (
+                    Some((netns, interface.name.clone())),
+                    Some((interface, routes)),
+                )
+            }
+            None => (None, None),
+        };
         let vmm_pid = vmm.id();
         info!(
             sandbox = id,
@@ -385,7 +445,8 @@ impl Sandbox {
             kill.clone(),
             exit_tx,
         ));
-        let agent = match Self::boot(id, config, hostname, layout, exited.clone()).await {
+        let booted = Self::boot(id, config, hostname, layout, exited.clone(), guest_net).await;
+        let agent = match booted {
             Ok(agent) => agent.with_timeout_hook(timeout_hook(
                 id,
                 vmm_pid,
@@ -408,6 +469,7 @@ impl Sandbox {
             agent,
             exited,
             kill,
+            network,
         })
     }
 
@@ -418,6 +480,7 @@ impl Sandbox {
         hostname: &str,
         layout: &Layout,
         mut exited: watch::Receiver<Option<String>>,
+        network: Option<(network::Interface, Vec<network::Route>)>,
     ) -> Result<AgentClient, SandboxError> {
         let started = std::time::Instant::now();
         let connect =
@@ -457,6 +520,16 @@ impl Sandbox {
             .create_sandbox(&req)
             .await
             .map_err(SandboxError::Agent)?;
+        if let Some((interface, routes)) = network {
+            agent
+                .update_interface(&interface)
+                .await
+                .map_err(SandboxError::Agent)?;
+            agent
+                .update_routes(&interface.name, &routes)
+                .await
+                .map_err(SandboxError::Agent)?;
+        }
         info!(
             sandbox = id,
             boot_ms = started.elapsed().as_millis() as u64,
@@ -533,8 +606,16 @@ impl Sandbox {
         self.kill.notify_one();
         let reason = self.exited().await;
         info!(sandbox = %self.id, %reason, "pod VM stopped");
+        if let Some((netns, name)) = &self.network {
+            disconnect(netns.clone(), name.clone()).await;
+        }
         remove_dir(&self.dir);
     }
+}
+
+/// Removes the tc redirect from the pod's network namespace (off the runtime's threads).
+async fn disconnect(netns: PathBuf, name: String) {
+    let _ = tokio::task::spawn_blocking(move || network::disconnect(&netns, &name)).await;
 }
 
 /// Unmounts everything in a directory of the pod and removes it, unless something is still
@@ -603,7 +684,7 @@ mod tests {
             virtiofsd_path: state.path().join("no-such-virtiofsd"),
             ..Config::default()
         };
-        let err = Sandbox::start("pod1", &config, "pod1").await.unwrap_err();
+        let err = Sandbox::start("pod1", &config, "pod1", None).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -635,7 +716,7 @@ mod tests {
             ..Config::default()
         };
         let hostname = "é".repeat(40);
-        let err = Sandbox::start("pod1", &config, &hostname)
+        let err = Sandbox::start("pod1", &config, &hostname, None)
             .await
             .unwrap_err();
         assert!(
@@ -643,7 +724,7 @@ mod tests {
             "{err:?}"
         );
         let id = "p".repeat(100);
-        let err = Sandbox::start(&id, &config, "h").await.unwrap_err();
+        let err = Sandbox::start(&id, &config, "h", None).await.unwrap_err();
         assert!(
             matches!(&err, SandboxError::Invalid(m) if m.contains("too long for its sockets")),
             "{err:?}"
@@ -659,7 +740,7 @@ mod tests {
             state_dir: state.path().to_owned(),
             ..Config::default()
         };
-        let err = Sandbox::start("pod1", &config, "pod1").await.unwrap_err();
+        let err = Sandbox::start("pod1", &config, "pod1", None).await.unwrap_err();
         assert!(matches!(err, SandboxError::Exists(_)), "{err:?}");
         assert!(state.path().join("pod1").exists());
     }

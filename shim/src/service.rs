@@ -223,8 +223,11 @@ impl Service {
                     .and_then(serde_json::Value::as_str)
                     .filter(|h| !h.is_empty())
                     .unwrap_or(&id[..id.len().min(64)]);
-                let sandbox =
-                    Arc::new(Sandbox::start(&membership.sandbox_id, &config, hostname).await?);
+                let netns = crate::network::netns_path(spec);
+                let sandbox = Arc::new(
+                    Sandbox::start(&membership.sandbox_id, &config, hostname, netns.as_deref())
+                        .await?,
+                );
                 *lock(&self.inner.pod) = Some((sandbox.clone(), config.clone()));
                 self.watch_pod(sandbox.clone());
                 Ok((sandbox, config, true))

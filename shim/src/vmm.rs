@@ -93,6 +93,29 @@ pub struct NetDevice {
     pub mtu: Option<u16>,
 }
 
+/// The descriptor number husk-vmm gets its tap at (see [`inherit_fd`]).
+pub const NET_TAP_FD: i32 = 3;
+
+/// Makes the child of `cmd` inherit `fd` as descriptor `target` (not close-on-exec there),
+/// whatever number `fd` has in this process. `fd` must stay open until the child is spawned.
+pub fn inherit_fd(cmd: &mut Command, fd: std::os::fd::RawFd, target: std::os::fd::RawFd) {
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe calls (dup2, fcntl) on descriptors it inherited.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let rc = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl VmmCommand {
     /// husk-vmm `program` booting `kernel`, with its hybrid vsock socket at `vsock_uds`;
     /// 256 MiB, one vCPU, console off.

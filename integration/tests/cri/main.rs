@@ -18,17 +18,9 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a short container may take to run and exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// One pod as a kubelet runs it: the pod gets an address from CNI, its containers the DNS
-/// config and hostname the pod asked for, ExecSync returns stdout, stderr and the exit code
-/// apart, and the container's output lands in its CRI log file, tagged by stream.
-#[test]
-fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
-    let cri = Cri::start();
-    let mut pod = cri.pod_config("web");
-    pod.dns_config = Some(Cri::cluster_dns("10.96.0.10", "default.svc.cluster.local"));
-    let pod_id = cri.run_pod(&pod);
-
-    let status = cri.pod_status(&pod_id);
+/// The pod's IP as CRI reports it, checked to be in CNI's subnet.
+fn pod_ip(cri: &Cri, pod_id: &str) -> String {
+    let status = cri.pod_status(pod_id);
     let ip = status
         .network
         .as_ref()
@@ -39,6 +31,101 @@ fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
         ip.starts_with(prefix),
         "the pod's CRI-reported IP {ip:?} is not in the CNI subnet {CNI_SUBNET}"
     );
+    ip
+}
+
+/// The body of `GET /` from `ip:port`, from this (the host's) network namespace, retried
+/// until `timeout` (the server may still be starting).
+fn http_get(ip: &str, port: u16, timeout: Duration) -> String {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("address");
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply)
+        })();
+        match attempt {
+            Ok(reply) => match reply.split_once("\r\n\r\n") {
+                Some((_, body)) => return body.to_owned(),
+                None => last = format!("a reply without a body: {reply:?}"),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("GET http://{addr}/ from the host failed for {timeout:?}: {last}");
+}
+
+/// A pod serves on the IP CRI reports: from the host, through CNI's bridge, and from a
+/// second pod; inside the pod on localhost, with the pod's IP on its `eth0`.
+#[test]
+fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
+    let cri = Cri::start();
+    let web = cri.pod_config("web");
+    let web_id = cri.run_pod(&web);
+    let ip = pod_ip(&cri, &web_id);
+    let server = cri.container_config(
+        "httpd",
+        0,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html \
+             && exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    let server_id = cri.start_container(&web_id, &web, server);
+    assert_eq!(
+        http_get(&ip, 8080, Duration::from_secs(60)),
+        "hello-from-web\n",
+        "host → pod"
+    );
+    assert_eq!(
+        cri.exec_ok(&server_id, &["wget", "-qO-", "http://127.0.0.1:8080/"]),
+        "hello-from-web\n",
+        "the pod → itself on localhost"
+    );
+    let eth0 = cri.exec_ok(&server_id, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(
+        eth0.contains(&format!("inet {ip}/24")),
+        "the pod's eth0 lacks its CRI-reported IP {ip}: {eth0:?}"
+    );
+
+    let client = cri.pod_config("client");
+    let client_id = cri.run_pod(&client);
+    let main = cri.container_config("main", 0, &["sleep", "100000"]);
+    let client_container = cri.start_container(&client_id, &client, main);
+    assert_eq!(
+        cri.exec_ok(
+            &client_container,
+            &["wget", "-qO-", &format!("http://{ip}:8080/")]
+        ),
+        "hello-from-web\n",
+        "pod → pod"
+    );
+
+    cri.remove_pod(&client_id);
+    cri.remove_pod(&web_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}
+
+/// One pod as a kubelet runs it: the pod gets an address from CNI, its containers the DNS
+/// config and hostname the pod asked for, ExecSync returns stdout, stderr and the exit code
+/// apart, and the container's output lands in its CRI log file, tagged by stream.
+#[test]
+fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
+    let cri = Cri::start();
+    let mut pod = cri.pod_config("web");
+    pod.dns_config = Some(Cri::cluster_dns("10.96.0.10", "default.svc.cluster.local"));
+    let pod_id = cri.run_pod(&pod);
+
+    pod_ip(&cri, &pod_id);
 
     let main = cri.container_config(
         "main",

@@ -15,6 +15,7 @@ use husk_agent_api::agent::{
     StatsContainerRequest, StatsContainerResponse, StdioConfig, TtyWinResizeRequest,
     UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
+use husk_agent_api::agent::{Interface, IpAddress, Route, UpdateInterfaceRequest, UpdateRoutesRequest};
 use husk_agent_api::stdio::{valid_id, Ack, StreamHeader};
 pub use husk_agent_api::STDIO_VSOCK_PORT;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -46,6 +47,67 @@ impl AgentClient {
         })
         .await
         .map(drop)
+    }
+
+    /// `Agent.UpdateInterface`: the guest interface with `interface`'s MAC gets its name, MTU
+    /// and addresses, and comes up.
+    pub async fn update_interface(
+        &self,
+        interface: &crate::network::Interface,
+    ) -> Result<(), AgentError> {
+        let req = UpdateInterfaceRequest {
+            interface: Some(Interface {
+                name: interface.name.clone(),
+                mac: crate::network::format_mac(&interface.mac),
+                mtu: interface.mtu,
+                addresses: interface
+                    .addresses
+                    .iter()
+                    .map(|a| IpAddress {
+                        address: a.address.to_string(),
+                        prefix_len: a.prefix_len.into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        self.call("Agent.UpdateInterface", |ctx| {
+            self.agent.update_interface(ctx, &req)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `Agent.UpdateRoutes`: `routes` of interface `device`, all or none.
+    pub async fn update_routes(
+        &self,
+        device: &str,
+        routes: &[crate::network::Route],
+    ) -> Result<(), AgentError> {
+        let text = |ip: Option<std::net::Ipv4Addr>| ip.map(|ip| ip.to_string()).unwrap_or_default();
+        let req = UpdateRoutesRequest {
+            routes: routes
+                .iter()
+                .map(|r| Route {
+                    destination: r
+                        .destination
+                        .map(|d| format!("{}/{}", d.address, d.prefix_len))
+                        .unwrap_or_default(),
+                    gateway: text(r.gateway),
+                    source: text(r.source),
+                    device: device.to_owned(),
+                    scope: r.scope.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        self.call("Agent.UpdateRoutes", |ctx| self.agent.update_routes(ctx, &req))
+            .await
+            .map(drop)
     }
 
     /// `Agent.DestroySandbox`.

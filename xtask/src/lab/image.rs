@@ -40,12 +40,12 @@ pub const LAB_MODULES: &[&str] = &[
     // Taps for husk-vmm's virtio-net device (`/dev/net/tun`).
     "tun",
     // CNI's bridge plugin for the CRI tests (a bridge and a veth per pod), and tc's ingress
-    // qdisc, matchall filter and mirred action, with which the shim joins a pod's CNI
-    // interface to its tap.
+    // qdisc, u32 filter and mirred action, with which the shim joins a pod's CNI interface
+    // to its tap (husk_shim::network).
     "bridge",
     "veth",
     "sch_ingress",
-    "cls_matchall",
+    "cls_u32",
     "act_mirred",
 ];
 /// The `console` device node (`Documentation/admin-guide/devices.txt`).

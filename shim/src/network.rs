@@ -62,7 +62,9 @@ pub enum NetworkError {
     #[error("The pod's network namespace {0} has several interfaces ({1}); husk connects exactly one to the pod's VM")]
     Interfaces(PathBuf, String),
     /// The tap name is taken
-    #[error("The pod's network namespace {0} already has a {TAP_NAME} (is another VM connected to it?)")]
+    #[error(
+        "The pod's network namespace {0} already has a {TAP_NAME} (is another VM connected to it?)"
+    )]
     TapExists(PathBuf),
     /// The tap cannot be created
     #[error("Cannot create the tap {TAP_NAME}: {0}")]
@@ -189,7 +191,10 @@ pub fn netns_path(spec: &serde_json::Value) -> Option<PathBuf> {
 fn in_netns<T, F>(netns: &Path, work: F) -> Result<T, NetworkError>
 where
     T: Send + 'static,
-    F: FnOnce(Handle) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, NetworkError>>>>
+    F: FnOnce(
+            Handle,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, NetworkError>>>>
         + Send
         + 'static,
 {
@@ -278,10 +283,7 @@ async fn connect_in(handle: &Handle, netns: &Path) -> Result<Option<Connected>, 
         [one] => *one,
         many => {
             let names: Vec<_> = many.iter().filter_map(|l| link_name(l)).collect();
-            return Err(NetworkError::Interfaces(
-                netns.to_owned(),
-                names.join(", "),
-            ));
+            return Err(NetworkError::Interfaces(netns.to_owned(), names.join(", ")));
         }
     };
     let index = link.header.index;
@@ -434,7 +436,9 @@ async fn redirect(
             .parent(INGRESS_PARENT)
             .protocol(PROTOCOL_ALL)
             .redirect(to)
-            .map_err(netlink(format!("build the redirect {from_name} → {to_name}")))?
+            .map_err(netlink(format!(
+                "build the redirect {from_name} → {to_name}"
+            )))?
             .execute()
             .await
             .map_err(netlink(format!("redirect {from_name} → {to_name}")))?;

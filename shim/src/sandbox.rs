@@ -684,7 +684,9 @@ mod tests {
             virtiofsd_path: state.path().join("no-such-virtiofsd"),
             ..Config::default()
         };
-        let err = Sandbox::start("pod1", &config, "pod1", None).await.unwrap_err();
+        let err = Sandbox::start("pod1", &config, "pod1", None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -740,7 +742,9 @@ mod tests {
             state_dir: state.path().to_owned(),
             ..Config::default()
         };
-        let err = Sandbox::start("pod1", &config, "pod1", None).await.unwrap_err();
+        let err = Sandbox::start("pod1", &config, "pod1", None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, SandboxError::Exists(_)), "{err:?}");
         assert!(state.path().join("pod1").exists());
     }

@@ -8,7 +8,9 @@
 //! * bind mounts of host paths become binds of their copies in the share
 //!   (`<container-id>/mounts/<n>`), which the shim bind mounts on the host side;
 //! * namespace `path`s name host namespaces (CRI's network namespace, the pause container's
-//!   `/proc/<pid>/ns/*`) that mean nothing in the guest: those entries are dropped, so the
+//!   `/proc/<pid>/ns/*`) that mean nothing in the guest: those entries are dropped from the
+//!   guest's spec (the sandbox's network namespace is not lost: before the VM starts, the
+//!   shim connects its CNI interface to the VM, [`crate::network`]), so the
 //!   container shares the guest's (the pod's) namespace of that type — except PID and mount
 //!   namespaces, which in the guest are the agent's: those become namespaces of the
 //!   container's own (`shareProcessNamespace` is not honoured yet); a spec without them
@@ -431,6 +433,8 @@ mod tests {
         }
     }
 
+    /// Host namespace paths leave the guest's spec; the pod's network namespace reaches the
+    /// VM another way (`network::netns_path` reads it from the original spec).
     #[test]
     fn host_namespace_paths_are_dropped() {
         let mut spec = json!({"linux": {"namespaces": [

@@ -5,7 +5,8 @@
 //! tests that need no KVM); a short run of every fuzz target (`fuzz`); the release husk-vmm and the guest artifacts; then the component
 //! tests of `husk-integration`, which boot real guests, and its end-to-end tests, which drive
 //! a real containerd with `ctr` (`HUSK_SHIM`, `HUSK_TEST_IMAGE`; with
-//! `HUSK_TEST_RUNTIME=io.containerd.runc.v2` they run on runc, to check the harness). Those
+//! `HUSK_TEST_RUNTIME=io.containerd.runc.v2` they run on runc, to check the harness; the CRI
+//! suite runs on both, every time). Those
 //! run where a KVM boots Linux: directly on hardware KVM, else inside the lab (decided by a
 //! probe boot, and printed). A missing capability is a failure, never a skip.
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use husk_integration::containerd::RUNTIME_ENV;
 use husk_integration::lab_retry::SuiteRetries;
 
 use crate::lab::{self, KvmMode};
@@ -106,15 +108,22 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let mut failed = Vec::new();
     let mut retries = SuiteRetries::default();
-    for bin in &binaries {
+    for (bin, runtime) in runs(&binaries) {
         let name = bin
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let name = match runtime {
+            Some(runtime) => format!("{name} on {runtime}"),
+            None => name,
+        };
         let run = || {
             step(&format!("component tests: {name}"), || {
                 let mut env = parts.env(mode);
                 env.push((TEST_ROOTFS_ENV.into(), test_rootfs.display().to_string()));
+                if let Some(runtime) = runtime {
+                    env.push((RUNTIME_ENV.into(), runtime.into()));
+                }
                 let ran = run_component_binary(bin, env, mode, &args.filter)?;
                 if ran.code != 0 {
                     return Err(BinaryFailed(ran).into());
@@ -297,6 +306,27 @@ fn run_component_binary(
     lab::run_where_kvm_boots(&argv, &env, mode, LAB_TEST_TIMEOUT, Some(LAB_SILENCE_LIMIT))
 }
 
+/// The test binary that runs again on runc (the CRI suite: its acceptance is that it passes
+/// on both runtimes, which also proves its harness).
+const ALSO_ON_RUNC: &str = "cri-";
+/// The runtime the end-to-end tests use instead of husk when `RUNTIME_ENV` names it.
+const RUNC: &str = "io.containerd.runc.v2";
+
+/// Every binary once on husk, then the CRI suite again on runc.
+fn runs(binaries: &[PathBuf]) -> Vec<(&PathBuf, Option<&'static str>)> {
+    let mut runs: Vec<_> = binaries.iter().map(|b| (b, None)).collect();
+    runs.extend(
+        binaries
+            .iter()
+            .filter(|b| {
+                b.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(ALSO_ON_RUNC))
+            })
+            .map(|b| (b, Some(RUNC))),
+    );
+    runs
+}
+
 /// Builds the integration crate's test binaries and returns their paths.
 pub fn component_test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new(env!("CARGO"))
@@ -366,3 +396,29 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 #[derive(Debug, thiserror::Error)]
 #[error("the test binary exited with status {}", .0.code)]
 struct BinaryFailed(lab::Ran);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cri_suite_runs_on_husk_and_again_on_runc() {
+        let binaries: Vec<PathBuf> = ["boot-1a", "cri-2b", "containerd-3c"]
+            .iter()
+            .map(|n| PathBuf::from("/t/deps").join(n))
+            .collect();
+        let runs: Vec<_> = runs(&binaries)
+            .into_iter()
+            .map(|(b, r)| (b.file_name().unwrap().to_str().unwrap().to_owned(), r))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                ("boot-1a".to_owned(), None),
+                ("cri-2b".to_owned(), None),
+                ("containerd-3c".to_owned(), None),
+                ("cri-2b".to_owned(), Some(RUNC)),
+            ]
+        );
+    }
+}

@@ -91,7 +91,10 @@ fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
         "hello-from-web\n",
         "the pod → itself on localhost"
     );
-    let eth0 = cri.exec_ok(&server_id, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    let eth0 = cri.exec_ok(
+        &server_id,
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
     assert!(
         eth0.contains(&format!("inet {ip}/24")),
         "the pod's eth0 lacks its CRI-reported IP {ip}: {eth0:?}"

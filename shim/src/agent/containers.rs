@@ -15,7 +15,9 @@ use husk_agent_api::agent::{
     StatsContainerRequest, StatsContainerResponse, StdioConfig, TtyWinResizeRequest,
     UpdateContainerRequest, WaitProcessRequest, WaitProcessResponse,
 };
-use husk_agent_api::agent::{Interface, IpAddress, Route, UpdateInterfaceRequest, UpdateRoutesRequest};
+use husk_agent_api::agent::{
+    Interface, IpAddress, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
+};
 use husk_agent_api::stdio::{valid_id, Ack, StreamHeader};
 pub use husk_agent_api::STDIO_VSOCK_PORT;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -105,9 +107,11 @@ impl AgentClient {
                 .collect(),
             ..Default::default()
         };
-        self.call("Agent.UpdateRoutes", |ctx| self.agent.update_routes(ctx, &req))
-            .await
-            .map(drop)
+        self.call("Agent.UpdateRoutes", |ctx| {
+            self.agent.update_routes(ctx, &req)
+        })
+        .await
+        .map(drop)
     }
 
     /// `Agent.DestroySandbox`.

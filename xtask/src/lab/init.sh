@@ -1,7 +1,8 @@
 #!/bin/sh
 # PID 1 of the husk lab's L1 Linux (packed by xtask/src/lab/image.rs; busybox applets).
-# Loads the KVM and 9p modules, checks /dev/kvm, chroots into the host root shared
-# read-only over virtio-9p and runs the job the host wrote into the `huskjob` share.
+# Loads the KVM and 9p modules, checks /dev/kvm, mounts the host root shared
+# read-only over virtio-9p as the root of the mount namespace and runs the job the host
+# wrote into the `huskjob` share, chrooted there.
 # It talks to the host only through marker lines `HUSK-LAB-<EVENT> <nonce> ...`.
 export PATH=/bin
 mount -t proc proc /proc
@@ -83,7 +84,14 @@ ip link set lo up 2>/dev/null
 VMSTAT_KEYS='^(pgmigrate_success|pgmigrate_fail|compact_migrate_scanned|compact_stall|compact_success|thp_fault_alloc|thp_collapse_alloc|thp_split_page|numa_pages_migrated|pgsteal_kswapd|pgsteal_direct|allocstall_normal|allocstall_movable) '
 grep -E "$VMSTAT_KEYS" /proc/vmstat > /vmstat.before
 echo "HUSK-LAB-START $NONCE"
-chroot /newroot /bin/sh /run/husk-lab/run.sh </dev/null
+# The host root becomes the root of the mount namespace, as switch_root makes it: moved onto
+# the initramfs' `/`. A plain chroot would leave the initramfs as the namespace's root, and a
+# process that enters a container's mount namespace (`runc exec`) would land there instead
+# of in the container. This shell keeps the initramfs as its own root (a root directory is
+# not a mount crossing) and runs the command chrooted in the moved host root, its cwd.
+cd /newroot || die "cannot enter the host root"
+mount --move . / || die "cannot move the host root onto /"
+chroot . /bin/sh /run/husk-lab/run.sh </dev/null
 rc=$?
 sync
 grep -E "$VMSTAT_KEYS" /proc/vmstat > /vmstat.after
@@ -93,7 +101,7 @@ echo "husk lab: L1 vmstat after the command:$(vm_line /vmstat.after)"
 echo "HUSK-LAB-EXIT $NONCE $rc"
 set -- $RW_SHARES
 while [ $# -ge 2 ]; do
-    umount "/newroot$2" 2>/dev/null
+    chroot . /bin/umount "$2" 2>/dev/null
     shift 2
 done
 reboot -f

@@ -413,6 +413,9 @@ impl Cri {
             .namespace_options
             .get_or_insert_with(Default::default);
         options.network = NamespaceMode::Node as i32;
+        // A kubelet sets no hostname for a hostNetwork pod: it has the node's (runc refuses a
+        // hostname without a UTS namespace of the pod's own).
+        pod.hostname.clear();
         pod
     }
 

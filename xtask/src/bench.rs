@@ -329,6 +329,9 @@ pub enum Bench {
     Ctr(ctr::CtrArgs),
     /// Exec round trip of `true` into a running container (agent in a real guest).
     Exec(exec::ExecArgs),
+    /// Kubernetes pods through CRI, husk vs runc: pod and container start, host ↔ pod TCP
+    /// round trip and throughput, pod host memory.
+    Cri(exec::CriArgs),
 }
 
 /// Runs a benchmark, in the lab where this host's KVM cannot boot Linux.
@@ -343,6 +346,7 @@ pub fn run(args: &Args) -> Result<()> {
         Bench::Fs(fs_args) => return fs::run(fs_args),
         Bench::Ctr(ctr_args) => return ctr::run(ctr_args),
         Bench::Exec(exec_args) => return exec::run(exec_args),
+        Bench::Cri(cri_args) => return exec::run_cri(cri_args),
     };
     let from_env = |v: &str| -> Result<PathBuf> {
         std::env::var_os(v)

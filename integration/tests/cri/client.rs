@@ -125,6 +125,13 @@ impl Cri {
         self.runtime
     }
 
+    /// Makes `runtime` the one under test for the calls that follow (the husk fixture
+    /// configures both handlers; `cargo xtask bench cri` alternates them).
+    #[allow(dead_code)]
+    pub fn set_runtime(&mut self, runtime: Runtime) {
+        self.runtime = runtime;
+    }
+
     /// The CRI runtime handler of the runtime under test (a RuntimeClass's `handler`).
     pub fn handler(&self) -> &'static str {
         match self.runtime {

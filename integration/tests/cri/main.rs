@@ -120,7 +120,8 @@ fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
 
 /// One pod as a kubelet runs it: the pod gets an address from CNI, its containers the DNS
 /// config and hostname the pod asked for, ExecSync returns stdout, stderr and the exit code
-/// apart, and the container's output lands in its CRI log file, tagged by stream.
+/// apart, the container's output lands in its CRI log file, tagged by stream, and a
+/// container whose working directory the image lacks starts in it.
 #[test]
 fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
     let cri = Cri::start();
@@ -175,6 +176,20 @@ fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
             ("stdout".to_string(), "out".to_string()),
         ],
         "the container's CRI log"
+    );
+
+    // A working directory the image lacks is created, as runc creates it.
+    let mut wd = cri.container_config("wd", 0, &["pwd"]);
+    wd.working_dir = "/created/by/the/runtime".into();
+    let wd_id = cri.start_container(&pod_id, &pod, wd.clone());
+    let status = cri.wait_exited(&wd_id, EXIT_TIMEOUT);
+    assert_eq!(
+        status.exit_code, 0,
+        "pwd in a missing working_dir: {status:?}"
+    );
+    assert_eq!(
+        cri.log_lines(&pod, &wd),
+        vec![("stdout".to_string(), "/created/by/the/runtime".to_string())]
     );
 
     cri.remove_pod(&pod_id);

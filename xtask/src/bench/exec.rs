@@ -4,6 +4,9 @@
 //!
 //! The measuring program is the integration crate's `husk-bench-exec`, which boots the same
 //! pod the component tests use; it runs in the lab where this host's KVM cannot boot Linux.
+//!
+//! `cargo xtask bench cri` runs the integration crate's `bench_cri` example the same way
+//! (Kubernetes pods through containerd's CRI plugin, husk vs runc; see the example).
 
 use std::time::Duration;
 
@@ -48,6 +51,43 @@ pub fn run(args: &ExecArgs) -> Result<()> {
     let argv = vec![bin.display().to_string(), args.runs.to_string()];
     let code =
         crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(1800), None)?.code;
+    if code != 0 {
+        bail!("the benchmark failed (exit status {code})");
+    }
+    Ok(())
+}
+
+/// Arguments of `cargo xtask bench cri`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CriArgs {
+    /// Pods per runtime (interleaved).
+    #[arg(long, default_value_t = 10)]
+    pub runs: u32,
+}
+
+/// `cargo xtask bench cri`.
+pub fn run_cri(args: &CriArgs) -> Result<()> {
+    crate::setup::ensure()?;
+    let root = crate::cache::workspace_root();
+    let parts = step(
+        "build husk-vmm (release) and the guest",
+        crate::test::build_parts,
+    )?;
+    let rootfs = step("build the busybox rootfs", crate::guest::busybox_rootfs)?;
+    step("build the bench_cri example", || {
+        cargo(
+            &root,
+            &["build", "-p", "husk-integration", "--example", "bench_cri"],
+        )
+    })?;
+    let bin = crate::cache::target_dir().join("debug/examples/bench_cri");
+    let mode = crate::lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
+    let mut env = parts.env(mode);
+    env.push(("HUSK_TEST_ROOTFS".into(), rootfs.display().to_string()));
+    env.push(("BENCH_RUNS".into(), args.runs.to_string()));
+    let argv = vec![bin.display().to_string()];
+    let code =
+        crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(3600), None)?.code;
     if code != 0 {
         bail!("the benchmark failed (exit status {code})");
     }

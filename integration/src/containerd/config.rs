@@ -176,4 +176,48 @@ mod tests {
         assert_eq!(husk["runtime_type"], rt["husk"]["runtime_type"]);
         assert!(husk["options"]["ConfigPath"].is_str());
     }
+
+    /// The largest PSS of a running husk pod (shim and descendants, networking on) that
+    /// `cargo xtask bench cri` measured, MiB (BENCHMARKS.md, "Kubernetes pods through CRI").
+    const MEASURED_POD_PSS_MIB: f64 = 57.6;
+
+    /// configs/runtimeclass.yaml names the handler configs/containerd-husk.toml defines, and
+    /// its memory overhead covers what a pod was measured to cost.
+    #[test]
+    fn the_runtime_class_matches_the_handler_and_the_measured_overhead() {
+        let yaml = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/runtimeclass.yaml"
+        ))
+        .unwrap();
+        let field = |indent: &str, key: &str| {
+            yaml.lines()
+                .find_map(|l| l.strip_prefix(indent)?.strip_prefix(key)?.strip_prefix(':'))
+                .map(|v| v.trim().trim_matches('"').to_owned())
+                .unwrap_or_else(|| panic!("runtimeclass.yaml has no {key}"))
+        };
+        assert_eq!(field("", "kind"), "RuntimeClass");
+        let handler = field("", "handler");
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/containerd-husk.toml"
+        ))
+        .unwrap();
+        let doc: toml::Value = toml::from_str(&doc).unwrap();
+        let runtimes = &doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+        assert_eq!(
+            runtimes[handler.as_str()]["runtime_type"].as_str(),
+            Some("io.containerd.husk.v2"),
+            "the RuntimeClass's handler {handler:?} is not husk's in containerd-husk.toml"
+        );
+        let memory = field("    ", "memory");
+        let mib: f64 = memory
+            .strip_suffix("Mi")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("overhead memory {memory:?} is not <N>Mi"));
+        assert!(
+            mib >= MEASURED_POD_PSS_MIB,
+            "overhead memory {mib} MiB is below the measured {MEASURED_POD_PSS_MIB} MiB per pod"
+        );
+    }
 }

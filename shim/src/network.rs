@@ -230,6 +230,27 @@ fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkE
     move |e| NetworkError::Netlink(what, e)
 }
 
+/// The index of interface `name`, if it exists.
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, rtnetlink::Error> {
+    let found: Result<Vec<LinkMessage>, _> = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_collect()
+        .await;
+    match found {
+        Ok(links) => Ok(links.first().map(|l| l.header.index)),
+        // The kernel answers a lookup of a missing name with ENODEV.
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.to_io().raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn link_name(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(name.as_str()),
@@ -354,17 +375,9 @@ async fn connect_in(handle: &Handle, netns: &Path) -> Result<Option<Connected>, 
         .collect();
 
     let tap = open_tap(TAP_NAME).map_err(NetworkError::Tap)?;
-    let mut tap_link: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .match_name(TAP_NAME.to_owned())
-        .execute()
-        .try_collect()
+    let tap_index = link_index(handle, TAP_NAME)
         .await
-        .map_err(netlink(format!("find {TAP_NAME}")))?;
-    let tap_index = tap_link
-        .pop()
-        .map(|l| l.header.index)
+        .map_err(netlink(format!("find {TAP_NAME}")))?
         .ok_or_else(|| NetworkError::Tap(io::Error::other("the new tap has no index")))?;
     if let Err(e) = redirect(handle, index, tap_index, &interface).await {
         remove_ingress(handle, index).await;
@@ -468,16 +481,8 @@ pub fn disconnect(netns: &Path, name: &str) {
     let done = in_netns(netns, move |handle| {
         Box::pin(async move {
             for name in [name.as_str(), TAP_NAME] {
-                let links: Vec<LinkMessage> = handle
-                    .link()
-                    .get()
-                    .match_name(name.to_owned())
-                    .execute()
-                    .try_collect()
-                    .await
-                    .unwrap_or_default();
-                if let Some(link) = links.first() {
-                    remove_ingress(&handle, link.header.index).await;
+                if let Ok(Some(index)) = link_index(&handle, name).await {
+                    remove_ingress(&handle, index).await;
                 }
             }
             Ok(())
@@ -567,15 +572,7 @@ mod tests {
     }
 
     async fn index_of(handle: &Handle, name: &str) -> u32 {
-        let links: Vec<LinkMessage> = handle
-            .link()
-            .get()
-            .match_name(name.to_owned())
-            .execute()
-            .try_collect()
-            .await
-            .unwrap();
-        links[0].header.index
+        link_index(handle, name).await.unwrap().expect(name)
     }
 
     /// A raw packet socket on `wire0` of `ns`.

@@ -24,6 +24,25 @@ pub struct ExecArgs {
 
 /// `cargo xtask bench exec`.
 pub fn run(args: &ExecArgs) -> Result<()> {
+    in_lab(
+        &["build", "--release", "--bin", "husk-bench-exec"],
+        "release/husk-bench-exec",
+        &[args.runs.to_string()],
+        Vec::new(),
+        Duration::from_secs(1800),
+    )
+}
+
+/// Builds a program of husk-integration (`cargo <build> -p husk-integration`, found at
+/// `<target>/<bin>`) and runs it with `args` and the component tests' environment plus `env`
+/// where KVM boots Linux (the lab here).
+fn in_lab(
+    build: &[&str],
+    bin: &str,
+    args: &[String],
+    env: Vec<(String, String)>,
+    timeout: Duration,
+) -> Result<()> {
     crate::setup::ensure()?;
     let root = crate::cache::workspace_root();
     let parts = step(
@@ -31,26 +50,17 @@ pub fn run(args: &ExecArgs) -> Result<()> {
         crate::test::build_parts,
     )?;
     let rootfs = step("build the busybox rootfs", crate::guest::busybox_rootfs)?;
-    step("build husk-bench-exec", || {
-        cargo(
-            &root,
-            &[
-                "build",
-                "--release",
-                "-p",
-                "husk-integration",
-                "--bin",
-                "husk-bench-exec",
-            ],
-        )
-    })?;
-    let bin = crate::cache::target_dir().join("release/husk-bench-exec");
+    let mut cargo_args = build.to_vec();
+    cargo_args.extend(["-p", "husk-integration"]);
+    step(&format!("build {bin}"), || cargo(&root, &cargo_args))?;
+    let bin = crate::cache::target_dir().join(bin);
     let mode = crate::lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
-    let mut env = parts.env(mode);
-    env.push(("HUSK_TEST_ROOTFS".into(), rootfs.display().to_string()));
-    let argv = vec![bin.display().to_string(), args.runs.to_string()];
-    let code =
-        crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(1800), None)?.code;
+    let mut all_env = parts.env(mode);
+    all_env.push(("HUSK_TEST_ROOTFS".into(), rootfs.display().to_string()));
+    all_env.extend(env);
+    let mut argv = vec![bin.display().to_string()];
+    argv.extend(args.iter().cloned());
+    let code = crate::lab::run_where_kvm_boots(&argv, &all_env, mode, timeout, None)?.code;
     if code != 0 {
         bail!("the benchmark failed (exit status {code})");
     }
@@ -67,29 +77,11 @@ pub struct CriArgs {
 
 /// `cargo xtask bench cri`.
 pub fn run_cri(args: &CriArgs) -> Result<()> {
-    crate::setup::ensure()?;
-    let root = crate::cache::workspace_root();
-    let parts = step(
-        "build husk-vmm (release) and the guest",
-        crate::test::build_parts,
-    )?;
-    let rootfs = step("build the busybox rootfs", crate::guest::busybox_rootfs)?;
-    step("build the bench_cri example", || {
-        cargo(
-            &root,
-            &["build", "-p", "husk-integration", "--example", "bench_cri"],
-        )
-    })?;
-    let bin = crate::cache::target_dir().join("debug/examples/bench_cri");
-    let mode = crate::lab::kvm_mode(&parts.vmm, &parts.kernel, &parts.initrd)?;
-    let mut env = parts.env(mode);
-    env.push(("HUSK_TEST_ROOTFS".into(), rootfs.display().to_string()));
-    env.push(("BENCH_RUNS".into(), args.runs.to_string()));
-    let argv = vec![bin.display().to_string()];
-    let code =
-        crate::lab::run_where_kvm_boots(&argv, &env, mode, Duration::from_secs(3600), None)?.code;
-    if code != 0 {
-        bail!("the benchmark failed (exit status {code})");
-    }
-    Ok(())
+    in_lab(
+        &["build", "--example", "bench_cri"],
+        "debug/examples/bench_cri",
+        &[],
+        vec![("BENCH_RUNS".into(), args.runs.to_string())],
+        Duration::from_secs(3600),
+    )
 }

@@ -127,14 +127,7 @@ fn kinds(cfg: Option<&StdioConfig>) -> Result<(Vec<StreamKind>, Option<TtySize>)
 /// Whether the container gets a network namespace of its own (one without a path), rather
 /// than joining the guest's.
 fn new_network_namespace(spec: &oci_spec::runtime::Spec) -> bool {
-    spec.linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|namespaces| {
-            namespaces.iter().any(|ns| {
-                ns.typ() == oci_spec::runtime::LinuxNamespaceType::Network && ns.path().is_none()
-            })
-        })
+    net::own_namespace(spec, oci_spec::runtime::LinuxNamespaceType::Network)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

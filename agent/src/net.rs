@@ -68,18 +68,31 @@ fn sysctl_namespace(key: &str) -> Option<oci_spec::runtime::LinuxNamespaceType> 
     }
 }
 
+/// Whether the container gets a namespace of type `typ` of its own: an entry without a path
+/// (the shim drops the host's paths, so one with a path is not expected here; it would join
+/// another namespace, not own one).
+pub fn own_namespace(
+    spec: &oci_spec::runtime::Spec,
+    typ: oci_spec::runtime::LinuxNamespaceType,
+) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|ns| ns.typ() == typ && ns.path().is_none()))
+}
+
 /// Takes the namespaced sysctls out of `spec` whose namespace (network or IPC) the container
 /// does not have of its own, because it shares the guest's (the pod's), and returns them, to
 /// be set by the agent in the guest's namespaces; the others stay for libcontainer.
 pub fn take_pod_sysctls(spec: &mut oci_spec::runtime::Spec) -> Vec<(String, String)> {
+    use oci_spec::runtime::LinuxNamespaceType::{Ipc, Network};
+    let own: Vec<_> = [Network, Ipc]
+        .into_iter()
+        .filter(|t| own_namespace(spec, *t))
+        .collect();
     let Some(linux) = spec.linux_mut().as_mut() else {
         return Vec::new();
     };
-    let own: Vec<_> = linux
-        .namespaces()
-        .as_ref()
-        .map(|n| n.iter().map(|ns| ns.typ()).collect())
-        .unwrap_or_default();
     let Some(sysctls) = linux.sysctl_mut().as_mut() else {
         return Vec::new();
     };
@@ -129,15 +142,7 @@ fn sysctl_path(key: &str) -> Result<PathBuf, NetError> {
 /// agent set when the sandbox was created (`sandbox::create`), and libcontainer refuses a
 /// hostname without a UTS namespace. Returns what was taken.
 pub fn take_pod_hostname(spec: &mut oci_spec::runtime::Spec) -> Option<String> {
-    let own_uts = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|n| {
-            n.iter()
-                .any(|ns| ns.typ() == oci_spec::runtime::LinuxNamespaceType::Uts)
-        });
-    if own_uts {
+    if own_namespace(spec, oci_spec::runtime::LinuxNamespaceType::Uts) {
         return None;
     }
     spec.hostname_mut().take()

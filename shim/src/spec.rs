@@ -83,13 +83,17 @@ fn sandbox_annotation(spec: &Value) -> Result<Option<&str>, SpecError> {
     }
 }
 
+/// The CRI container type a spec's annotations name (`sandbox` or `container`), if any.
+fn cri_container_type(spec: &Value) -> Option<&str> {
+    spec.pointer("/annotations")?
+        .get(CRI_CONTAINER_TYPE)?
+        .as_str()
+}
+
 /// Which pod container `id` with `spec` belongs to: the one its CRI annotations name, or its
 /// own when it has none.
 pub fn pod_membership(id: &str, spec: &Value) -> Result<PodMembership, SpecError> {
-    let container_type = spec
-        .pointer("/annotations")
-        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
-        .and_then(Value::as_str);
+    let container_type = cri_container_type(spec);
     // CRI leaves the network namespace out of a hostNetwork pod's sandbox spec (runc then
     // shares the host's). A VM has its own stack: refused before anything is created.
     if container_type == Some(CRI_TYPE_SANDBOX) && !has_namespace(spec, "network") {
@@ -244,11 +248,7 @@ pub fn rootfs_mount_points(spec: &Value, readonly: bool) -> Vec<MountPoint> {
 /// Rewrites `spec` for container `id` in the guest (see the module doc) and returns the host
 /// paths to bind mount into the share.
 pub fn rewrite(spec: &mut Value, id: &str, config: &Config) -> Result<Vec<HostBind>, SpecError> {
-    let cri_sandbox = spec
-        .pointer("/annotations")
-        .and_then(|a| a.get(CRI_CONTAINER_TYPE))
-        .and_then(Value::as_str)
-        == Some(CRI_TYPE_SANDBOX);
+    let cri_sandbox = cri_container_type(spec) == Some(CRI_TYPE_SANDBOX);
     let obj = spec.as_object_mut().ok_or(SpecError::Field("(root)"))?;
     let root = obj
         .entry("root")

@@ -34,6 +34,8 @@ pub const APT_PACKAGES: &[&str] = &[
     // client's bindings, generated at build time with protoc
     "containernetworking-plugins",
     "protobuf-compiler",
+    // ip(8): the CRI fixture's bridge and the agent's interface test
+    "iproute2",
     "libseccomp-dev",
     "libcap-ng-dev",
 ];

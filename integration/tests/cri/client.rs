@@ -163,14 +163,18 @@ impl Cri {
         F: FnOnce(RuntimeServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.try_call(method, call).unwrap_or_else(|status| {
-            panic!(
-                "CRI {method} failed: {:?}: {}\n--- containerd log ---\n{}",
-                status.code(),
-                status.message(),
-                self.containerd.log_tail()
-            )
-        })
+        self.try_call(method, call)
+            .unwrap_or_else(|status| self.failed(method, status))
+    }
+
+    /// Panics with a failed call's method, its status and containerd's log tail.
+    fn failed(&self, method: &str, status: tonic::Status) -> ! {
+        panic!(
+            "CRI {method} failed: {:?}: {}\n--- containerd log ---\n{}",
+            status.code(),
+            status.message(),
+            self.containerd.log_tail()
+        )
     }
 
     /// A pod's config as a kubelet writes it: metadata, hostname, its log directory.
@@ -197,14 +201,8 @@ impl Cri {
 
     /// RunPodSandbox with the runtime under test's handler; returns the pod's id.
     pub fn run_pod(&self, config: &PodSandboxConfig) -> String {
-        self.try_run_pod(config).unwrap_or_else(|status| {
-            panic!(
-                "CRI RunPodSandbox failed: {:?}: {}\n--- containerd log ---\n{}",
-                status.code(),
-                status.message(),
-                self.containerd.log_tail()
-            )
-        })
+        self.try_run_pod(config)
+            .unwrap_or_else(|status| self.failed("RunPodSandbox", status))
     }
 
     /// RunPodSandbox, returning its error status.
@@ -356,16 +354,26 @@ impl Cri {
 
     /// StopPodSandbox then RemovePodSandbox.
     pub fn remove_pod(&self, pod_id: &str) {
+        if let Err((method, status)) = self.try_remove_pod(pod_id) {
+            self.failed(method, status);
+        }
+    }
+
+    /// StopPodSandbox then RemovePodSandbox; the first call that fails, with its status.
+    fn try_remove_pod(&self, pod_id: &str) -> Result<(), (&'static str, tonic::Status)> {
         let id = pod_id.to_string();
-        self.call("StopPodSandbox", |mut c| async move {
+        self.try_call("StopPodSandbox", |mut c| async move {
             c.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id })
                 .await
-        });
+        })
+        .map_err(|s| ("StopPodSandbox", s))?;
         let id = pod_id.to_string();
-        self.call("RemovePodSandbox", |mut c| async move {
+        self.try_call("RemovePodSandbox", |mut c| async move {
             c.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
                 .await
-        });
+        })
+        .map_err(|s| ("RemovePodSandbox", s))?;
+        Ok(())
     }
 
     /// The CRI log of a container: its lines as (stream, text), in order, parsed from the CRI
@@ -472,16 +480,7 @@ impl Drop for Cri {
             .map(|r| r.items)
             .unwrap_or_default();
         for pod in pods {
-            let id = pod.id.clone();
-            let _ = self.try_call("StopPodSandbox", |mut c| async move {
-                c.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: id })
-                    .await
-            });
-            let id = pod.id;
-            let _ = self.try_call("RemovePodSandbox", |mut c| async move {
-                c.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
-                    .await
-            });
+            let _ = self.try_remove_pod(&pod.id);
         }
     }
 }

@@ -125,6 +125,13 @@ pub struct PodNetwork {
     pub routes: Vec<Route>,
 }
 
+impl PodNetwork {
+    /// What [`disconnect`] needs later: the namespace and the interface's name.
+    pub fn connection(&self) -> (PathBuf, String) {
+        (self.netns.clone(), self.interface.name.clone())
+    }
+}
+
 /// Formats a MAC address as `xx:xx:xx:xx:xx:xx`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -172,18 +179,6 @@ pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     };
     check(rc, "TUNSETVNETHDRSZ")?;
     Ok(OwnedFd::from(file))
-}
-
-/// The network namespace path of a spec (`linux.namespaces[type=network].path`), if any.
-pub fn netns_path(spec: &serde_json::Value) -> Option<PathBuf> {
-    spec.pointer("/linux/namespaces")?
-        .as_array()?
-        .iter()
-        .find(|ns| ns.get("type").and_then(serde_json::Value::as_str) == Some("network"))?
-        .get("path")?
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
 }
 
 /// Runs `work` on a new thread in network namespace `netns`, on a current-thread runtime
@@ -496,22 +491,6 @@ pub fn disconnect(netns: &Path, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn the_netns_path_comes_from_the_spec() {
-        let spec = json!({"linux": {"namespaces": [
-            {"type": "pid"},
-            {"type": "network", "path": "/var/run/netns/cni-1"},
-        ]}});
-        assert_eq!(
-            netns_path(&spec),
-            Some(PathBuf::from("/var/run/netns/cni-1"))
-        );
-        let own = json!({"linux": {"namespaces": [{"type": "network"}]}});
-        assert_eq!(netns_path(&own), None);
-        assert_eq!(netns_path(&json!({})), None);
-    }
 
     #[test]
     fn tc_gets_eth_p_all_in_network_byte_order() {

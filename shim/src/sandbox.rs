@@ -331,9 +331,7 @@ impl Sandbox {
             }
             None => None,
         };
-        let connected = network
-            .as_ref()
-            .map(|n| (n.netns.clone(), n.interface.name.clone()));
+        let connected = network.as_ref().map(PodNetwork::connection);
         match Self::start_in(id, config, hostname, &layout, network).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
@@ -409,22 +407,9 @@ impl Sandbox {
         }
         let vmm_log = layout.dir.join("vmm.log");
         let vmm = spawn("husk-vmm", &config.vmm_path, command, &vmm_log)?;
-        // The VMM holds the tap now: it goes away when the VMM does.
-        let (network, guest_net) = match network {
-            Some(PodNetwork {
-                netns,
-                tap,
-                interface,
-                routes,
-            }) => {
-                drop(tap);
-                (
-                    Some((netns, interface.name.clone())),
-                    Some((interface, routes)),
-                )
-            }
-            None => (None, None),
-        };
+        // The VMM holds the tap now (the shim's copy closes here): it goes away with the VMM.
+        let connection = network.as_ref().map(PodNetwork::connection);
+        let guest_net = network.map(|n| (n.interface, n.routes));
         let vmm_pid = vmm.id();
         info!(
             sandbox = id,
@@ -469,7 +454,7 @@ impl Sandbox {
             agent,
             exited,
             kill,
-            network,
+            network: connection,
         })
     }
 

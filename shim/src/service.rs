@@ -223,7 +223,7 @@ impl Service {
                     .and_then(serde_json::Value::as_str)
                     .filter(|h| !h.is_empty())
                     .unwrap_or(&id[..id.len().min(64)]);
-                let netns = crate::network::netns_path(spec);
+                let netns = spec::netns_path(spec);
                 let sandbox = Arc::new(
                     Sandbox::start(&membership.sandbox_id, &config, hostname, netns.as_deref())
                         .await?,

@@ -113,12 +113,25 @@ pub fn pod_membership(id: &str, spec: &Value) -> Result<PodMembership, SpecError
 
 /// Whether the spec has a `linux.namespaces` entry of type `kind`.
 fn has_namespace(spec: &Value, kind: &str) -> bool {
-    spec.pointer("/linux/namespaces")
-        .and_then(Value::as_array)
-        .is_some_and(|n| {
-            n.iter()
-                .any(|ns| ns.get("type").and_then(Value::as_str) == Some(kind))
-        })
+    namespace(spec, kind).is_some()
+}
+
+/// The spec's `linux.namespaces` entry of type `kind`, if any.
+fn namespace<'a>(spec: &'a Value, kind: &str) -> Option<&'a Value> {
+    spec.pointer("/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(Value::as_str) == Some(kind))
+}
+
+/// The network namespace path of a spec (`linux.namespaces[type=network].path`), if any:
+/// CRI's pod network namespace, which [`crate::network::connect`] joins to the VM.
+pub fn netns_path(spec: &Value) -> Option<PathBuf> {
+    namespace(spec, "network")?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
 }
 
 /// The sandbox id from a bundle's `config.json` (for `start`, which groups the containers of
@@ -433,8 +446,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_netns_path_comes_from_the_spec() {
+        let spec = json!({"linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+        ]}});
+        assert_eq!(
+            netns_path(&spec),
+            Some(PathBuf::from("/var/run/netns/cni-1"))
+        );
+        let own = json!({"linux": {"namespaces": [{"type": "network"}]}});
+        assert_eq!(netns_path(&own), None);
+        assert_eq!(netns_path(&json!({})), None);
+    }
+
     /// Host namespace paths leave the guest's spec; the pod's network namespace reaches the
-    /// VM another way (`network::netns_path` reads it from the original spec).
+    /// VM another way ([`netns_path`] reads it from the original spec).
     #[test]
     fn host_namespace_paths_are_dropped() {
         let mut spec = json!({"linux": {"namespaces": [

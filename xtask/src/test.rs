@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use husk_integration::containerd::RUNTIME_ENV;
+use husk_integration::containerd::{RUNC_RUNTIME, RUNTIME_ENV};
 use husk_integration::lab_retry::SuiteRetries;
 
 use crate::lab::{self, KvmMode};
@@ -309,8 +309,6 @@ fn run_component_binary(
 /// The test binary that runs again on runc (the CRI suite: its acceptance is that it passes
 /// on both runtimes, which also proves its harness).
 const ALSO_ON_RUNC: &str = "cri-";
-/// The runtime the end-to-end tests use instead of husk when `RUNTIME_ENV` names it.
-const RUNC: &str = "io.containerd.runc.v2";
 
 /// Every binary once on husk, then the CRI suite again on runc.
 fn runs(binaries: &[PathBuf]) -> Vec<(&PathBuf, Option<&'static str>)> {
@@ -322,7 +320,7 @@ fn runs(binaries: &[PathBuf]) -> Vec<(&PathBuf, Option<&'static str>)> {
                 b.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with(ALSO_ON_RUNC))
             })
-            .map(|b| (b, Some(RUNC))),
+            .map(|b| (b, Some(RUNC_RUNTIME))),
     );
     runs
 }
@@ -417,7 +415,7 @@ mod tests {
                 ("boot-1a".to_owned(), None),
                 ("cri-2b".to_owned(), None),
                 ("containerd-3c".to_owned(), None),
-                ("cri-2b".to_owned(), Some(RUNC)),
+                ("cri-2b".to_owned(), Some(RUNC_RUNTIME)),
             ]
         );
     }

@@ -374,6 +374,11 @@ impl Containerd {
         self.runtime
     }
 
+    /// The containerd namespace the fixture's containers live in.
+    pub fn namespace(&self) -> &'static str {
+        self.namespace
+    }
+
     /// The snapshotter in use (`overlayfs`, or `native` when overlay is impossible).
     pub fn snapshotter(&self) -> &str {
         &self.snapshotter

@@ -557,6 +557,110 @@ fn killed_pod_ends_the_task_and_leaves_nothing() {
     }
 }
 
+/// A task created and killed before it starts ends as runc's does: its Wait answers 128 + 9, a
+/// `/tasks/exit` is published, and its Delete reports the same status. containerd does this
+/// when a start fails after the create (its cleanup kills the task and waits for it). `ctr`
+/// cannot create a task without starting it, so this test calls containerd's Tasks API.
+#[test]
+fn a_created_task_killed_before_its_start_exits_and_is_deleted() {
+    use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+    use containerd_client::services::v1::snapshots::MountsRequest;
+    use containerd_client::services::v1::tasks_client::TasksClient;
+    use containerd_client::services::v1::{
+        CreateTaskRequest, DeleteTaskRequest, KillRequest, WaitRequest,
+    };
+    use containerd_client::tonic::Request;
+    use containerd_client::with_namespace;
+
+    let c = Containerd::start();
+    let id = "created-killed";
+    let mut args = c.run_args(&[], id);
+    args.splice(0..1, ["container", "create"]);
+    args.extend_from_slice(&["sleep", "100000"]);
+    c.ctr_ok(&args);
+    let ns = c.namespace();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (created, waited, deleted) = rt.block_on(async {
+        let channel = containerd_client::connect(c.address())
+            .await
+            .expect("connect to containerd");
+        let mounts = SnapshotsClient::new(channel.clone())
+            .mounts(with_namespace!(
+                MountsRequest {
+                    snapshotter: c.snapshotter().into(),
+                    key: id.into(),
+                },
+                ns
+            ))
+            .await
+            .expect("the container's rootfs mounts")
+            .into_inner()
+            .mounts;
+        let mut tasks = TasksClient::new(channel);
+        let created = tasks
+            .create(with_namespace!(
+                CreateTaskRequest {
+                    container_id: id.into(),
+                    rootfs: mounts,
+                    ..Default::default()
+                },
+                ns
+            ))
+            .await
+            .expect("Create")
+            .into_inner();
+        let mut waiter = tasks.clone();
+        let wait = tokio::spawn(async move {
+            waiter
+                .wait(with_namespace!(
+                    WaitRequest {
+                        container_id: id.into(),
+                        exec_id: String::new(),
+                    },
+                    ns
+                ))
+                .await
+        });
+        tasks
+            .kill(with_namespace!(
+                KillRequest {
+                    container_id: id.into(),
+                    signal: 9,
+                    ..Default::default()
+                },
+                ns
+            ))
+            .await
+            .expect("Kill of the created task");
+        let waited = tokio::time::timeout(EVENT, wait)
+            .await
+            .expect("Wait of the killed created task did not return")
+            .expect("the waiter")
+            .expect("Wait")
+            .into_inner();
+        let deleted = tasks
+            .delete(with_namespace!(
+                DeleteTaskRequest {
+                    container_id: id.into(),
+                },
+                ns
+            ))
+            .await
+            .expect("Delete")
+            .into_inner();
+        (created, waited, deleted)
+    });
+    assert!(created.pid > 0, "Create returned pid {}", created.pid);
+    assert_eq!(waited.exit_status, 128 + 9, "Wait: {waited:?}");
+    assert_eq!(deleted.exit_status, 128 + 9, "Delete: {deleted:?}");
+    assert_eq!(c.wait_exit(id, "", EVENT).exit_status(), 128 + 9);
+    c.ctr_ok(&["container", "delete", id]);
+    c.assert_no_leftovers(CLEANUP);
+}
+
 /// `uname -r` in a container: the guest kernel's release under husk (the release in
 /// `$HUSK_KERNEL`'s banner, not the host's), the host's under runc.
 #[test]

@@ -343,6 +343,9 @@ impl Service {
                 execs: Default::default(),
             },
         );
+        // Followed from now: a created init that is killed before it starts ends with an
+        // exit event and answers its waiters, as runc's does.
+        self.watch_exit(sandbox.clone(), id, "", pid);
         info!(container = id, pod = sandbox.id(), pid, "container created");
         let event = TaskCreate {
             container_id: id.to_owned(),
@@ -380,9 +383,7 @@ impl Service {
             Ok((p.stdio.clone(), p.exec_spec.clone()))
         })?;
         let (pid, relay) = if exec_id.is_empty() {
-            let pid = sandbox.agent().start_container(id).await?;
-            let relay = self.with(id, |c| Ok(c.init.relay.take()))?;
-            (pid, relay)
+            (sandbox.agent().start_container(id).await?, None)
         } else {
             let mut relay = Relay::attach(sandbox.vsock_uds(), id, exec_id, &stdio).await?;
             let json = exec_spec.unwrap_or_default();
@@ -402,12 +403,16 @@ impl Service {
             let p = c.process_mut(id, exec_id)?;
             p.pid = pid;
             p.status = Status::RUNNING;
-            if let Some(r) = &relay {
+            if let Some(r) = relay {
                 p.stdin_close = r.stdin_closer();
+                p.relay = Some(r);
             }
             Ok(())
         })?;
-        self.watch_exit(sandbox, id, exec_id, pid, relay);
+        if !exec_id.is_empty() {
+            // The init's watcher runs since its create.
+            self.watch_exit(sandbox, id, exec_id, pid);
+        }
         info!(container = id, exec = exec_id, pid, "process started");
         if exec_id.is_empty() {
             let event = TaskStart {

@@ -256,23 +256,40 @@ impl Cri {
         pod: &PodSandboxConfig,
         config: ContainerConfig,
     ) -> String {
+        let id = self.create_container(pod_id, pod, config);
+        if let Err(status) = self.try_start_container(&id) {
+            self.failed("StartContainer", status)
+        }
+        id
+    }
+
+    /// CreateContainer; returns the container's id.
+    pub fn create_container(
+        &self,
+        pod_id: &str,
+        pod: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> String {
         let request = CreateContainerRequest {
             pod_sandbox_id: pod_id.into(),
             config: Some(config),
             sandbox_config: Some(pod.clone()),
         };
-        let id = self
-            .call("CreateContainer", |mut c| async move {
-                c.create_container(request).await
-            })
-            .container_id;
+        self.call("CreateContainer", |mut c| async move {
+            c.create_container(request).await
+        })
+        .container_id
+    }
+
+    /// StartContainer, returning its error status.
+    pub fn try_start_container(&self, id: &str) -> Result<(), tonic::Status> {
         let start = StartContainerRequest {
-            container_id: id.clone(),
+            container_id: id.into(),
         };
-        self.call("StartContainer", |mut c| async move {
+        self.try_call("StartContainer", |mut c| async move {
             c.start_container(start).await
-        });
-        id
+        })
+        .map(drop)
     }
 
     /// ExecSync of `cmd` in the container (timeout in seconds, 0 for none).

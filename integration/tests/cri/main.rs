@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use client::Cri;
 use husk_integration::containerd::{Runtime, CNI_SUBNET};
+use k8s_cri::v1::{ContainerState, LinuxContainerConfig, LinuxContainerResources};
 
 /// How long a pod's teardown may take to leave nothing behind.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -264,6 +265,75 @@ fn a_restarted_container_reads_what_its_predecessor_wrote() {
         "the pod's VM changed between its containers"
     );
     cri.remove_container(&id);
+
+    cri.remove_pod(&pod_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}
+
+/// What a kubelet reads of containers that fail, as under runc: one the OOM killer ends at its
+/// memory limit exits 137 with the reason `OOMKilled`; one whose command does not exist fails
+/// to start, is reported exited with containerd's `StartError` naming the command, is removed
+/// at once, and the pod goes on running containers.
+#[test]
+fn oom_killed_and_unstartable_containers_report_as_under_runc() {
+    let cri = Cri::start();
+    let pod = cri.pod_config("failing");
+    let pod_id = cri.run_pod(&pod);
+
+    // dd's 64 MiB buffer, filled from /dev/zero, cannot fit under a 32 MiB limit.
+    let mut hog = cri.container_config(
+        "hog",
+        0,
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+    );
+    hog.linux = Some(LinuxContainerConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 32 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hog_id = cri.start_container(&pod_id, &pod, hog);
+    let status = cri.wait_exited(&hog_id, EXIT_TIMEOUT);
+    assert_eq!(
+        (status.exit_code, status.reason.as_str()),
+        (137, "OOMKilled"),
+        "the OOM-killed container's status: {status:?}"
+    );
+    cri.remove_container(&hog_id);
+
+    let missing = cri.container_config("missing", 0, &["/no/such/binary"]);
+    let missing_id = cri.create_container(&pod_id, &pod, missing);
+    let started = std::time::Instant::now();
+    let err = cri
+        .try_start_container(&missing_id)
+        .expect_err("a container without its command started");
+    assert!(
+        err.message().contains("/no/such/binary"),
+        "StartContainer's error does not name the missing command: {:?}: {}",
+        err.code(),
+        err.message()
+    );
+    let status = cri.container_status(&missing_id);
+    assert_eq!(
+        (status.state, status.exit_code, status.reason.as_str()),
+        (ContainerState::ContainerExited as i32, 128, "StartError"),
+        "the unstartable container's status: {status:?}"
+    );
+    cri.remove_container(&missing_id);
+    // containerd gives a failed start's cleanup a minute; runc needs no part of it.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the failed start and its removal took {:?}",
+        started.elapsed()
+    );
+
+    let after = cri.container_config("after", 0, &["sleep", "100000"]);
+    let after_id = cri.start_container(&pod_id, &pod, after);
+    assert_eq!(
+        cri.exec_ok(&after_id, &["echo", "still-serving"]),
+        "still-serving\n"
+    );
 
     cri.remove_pod(&pod_id);
     cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);

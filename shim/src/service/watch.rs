@@ -14,7 +14,6 @@ use super::{lock, Service};
 use crate::agent::AgentError;
 use crate::container::LOST_EXIT_STATUS;
 use crate::events;
-use crate::io::Relay;
 use crate::sandbox::Sandbox;
 
 /// One slice of a `WaitProcess` or `GetOOMEvent` call; the watchers call again after it.
@@ -33,17 +32,10 @@ const DRAIN_AFTER_LOSS: Duration = Duration::from_secs(2);
 const DRAIN_IDLE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Service {
-    /// Waits for the exit of process (`id`, `exec_id`) in the guest, drains its output,
-    /// records the exit and publishes TaskExit. A process lost with its VM exits with
-    /// [`LOST_EXIT_STATUS`].
-    pub(super) fn watch_exit(
-        &self,
-        sandbox: Arc<Sandbox>,
-        id: &str,
-        exec_id: &str,
-        pid: u32,
-        relay: Option<Relay>,
-    ) {
+    /// Waits for the exit of process (`id`, `exec_id`) in the guest, drains its output
+    /// (through the relay the process holds then), records the exit and publishes TaskExit.
+    /// A process lost with its VM exits with [`LOST_EXIT_STATUS`].
+    pub(super) fn watch_exit(&self, sandbox: Arc<Sandbox>, id: &str, exec_id: &str, pid: u32) {
         let this = self.clone();
         let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
         tokio::spawn(async move {
@@ -55,6 +47,15 @@ impl Service {
                 {
                     Ok(reply) => break (reply.exit_status.unsigned_abs(), false),
                     Err(AgentError::Timeout { .. }) => continue,
+                    Err(_)
+                        if this
+                            .with(&id, |c| c.process(&id, &exec_id).map(drop))
+                            .is_err() =>
+                    {
+                        // Deleted meanwhile (a created container's delete can come before
+                        // the guest took the wait): nobody waits for this exit.
+                        return;
+                    }
                     Err(e) => {
                         // The connection breaks a moment before the monitor has reaped the
                         // VM: give it that moment, so the log says why.
@@ -67,6 +68,10 @@ impl Service {
                     }
                 }
             };
+            let relay = this
+                .with(&id, |c| Ok(c.process_mut(&id, &exec_id)?.relay.take()))
+                .ok()
+                .flatten();
             if let Some(mut relay) = relay {
                 let idle = if lost {
                     DRAIN_AFTER_LOSS
@@ -114,7 +119,7 @@ impl Service {
     }
 
     /// Watches the pod: OOM kills become TaskOOM events; when the VM ends, processes no
-    /// watcher follows (created, never started) are reported exited.
+    /// watcher follows (execs added, never started) are reported exited.
     pub(super) fn watch_pod(&self, sandbox: Arc<Sandbox>) {
         let this = self.clone();
         let pod = sandbox.clone();
@@ -123,8 +128,9 @@ impl Service {
             let idle: Vec<(String, String, u32)> = lock(&this.inner.containers)
                 .iter()
                 .flat_map(|(id, c)| {
-                    std::iter::once((id.clone(), String::new(), &c.init))
-                        .chain(c.execs.iter().map(|(e, p)| (id.clone(), e.clone(), p)))
+                    c.execs
+                        .iter()
+                        .map(|(e, p)| (id.clone(), e.clone(), p))
                         .filter(|(_, _, p)| p.status == Status::CREATED && p.exit().is_none())
                         .map(|(id, e, p)| (id, e, p.pid))
                         .collect::<Vec<_>>()

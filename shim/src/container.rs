@@ -95,6 +95,19 @@ pub struct Container {
     pub init: Process,
     /// Exec processes by exec id.
     pub execs: HashMap<String, Process>,
+    /// What this shim has published of the container's OOM kills.
+    pub oom: OomReported,
+}
+
+/// The TaskOOM events published for one container, so that the kill behind an init's
+/// exit is reported once, before the exit, whichever watcher sees it first.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OomReported {
+    /// The guest's OOM reports forwarded so far.
+    pub forwarded: bool,
+    /// Published by the exit watcher, ahead of the init's TaskExit: later reports of the
+    /// container are the same kill.
+    pub at_exit: bool,
 }
 
 impl Container {
@@ -146,6 +159,7 @@ mod tests {
             is_sandbox: true,
             init: Process::new(StdioPaths::default(), None),
             execs: HashMap::new(),
+            oom: Default::default(),
         };
         c.execs.insert(
             "e1".into(),

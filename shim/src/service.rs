@@ -341,6 +341,7 @@ impl Service {
                 is_sandbox,
                 init,
                 execs: Default::default(),
+                oom: Default::default(),
             },
         );
         // Followed from now: a created init that is killed before it starts ends with an

@@ -83,8 +83,51 @@ impl Service {
                         "the guest kept an output stream open after the exit; reporting the exit");
                 }
             }
+            if exec_id.is_empty() && !lost {
+                this.report_oom_before_exit(&sandbox, &id).await;
+            }
             this.record_exit(&id, &exec_id, pid, status).await;
         });
+    }
+
+    /// Publishes TaskOOM ahead of an init's TaskExit when the guest counts an OOM kill in
+    /// the container that no event has reported yet. The agent notices kills by polling, so
+    /// its report can come after the exit; containerd's CRI gives the reason `OOMKilled` only
+    /// to a container whose TaskOOM it has seen, and a kubelet reading the status between
+    /// the two would record `Error`. runc's shim sends the OOM first; so does this.
+    async fn report_oom_before_exit(&self, sandbox: &Sandbox, id: &str) {
+        if self.with(id, |c| Ok(c.oom.forwarded)).unwrap_or(true) {
+            return;
+        }
+        let kills = match sandbox.agent().stats_container(id).await {
+            Ok(stats) => stats.memory.oom_kill_count,
+            Err(e) => {
+                warn!(container = id, error = %e, "cannot read the OOM kills behind the exit");
+                return;
+            }
+        };
+        if kills == 0 {
+            return;
+        }
+        let marked = self.with(id, |c| {
+            c.oom.at_exit = true;
+            Ok(())
+        });
+        if marked.is_ok() {
+            warn!(container = id, oom_kills = kills, "OOM kill in the guest");
+            self.publish_oom(id).await;
+        }
+    }
+
+    async fn publish_oom(&self, container_id: &str) {
+        let event = TaskOOM {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.inner
+            .events
+            .publish(topics::TASK_OOM_EVENT_TOPIC, event)
+            .await;
     }
 
     pub(super) async fn record_exit(&self, id: &str, exec_id: &str, pid: u32, status: u32) {
@@ -150,14 +193,18 @@ impl Service {
             let publish = |container_id: String| {
                 let this = this.clone();
                 async move {
-                    let event = TaskOOM {
-                        container_id,
-                        ..Default::default()
-                    };
-                    this.inner
-                        .events
-                        .publish(topics::TASK_OOM_EVENT_TOPIC, event)
-                        .await;
+                    // The kill behind an init's exit, already reported with the exit.
+                    if this
+                        .with(&container_id, |c| Ok(c.oom.at_exit))
+                        .unwrap_or(false)
+                    {
+                        return;
+                    }
+                    this.publish_oom(&container_id).await;
+                    let _ = this.with(&container_id, |c| {
+                        c.oom.forwarded = true;
+                        Ok(())
+                    });
                 }
             };
             let e = forward_oom_events(next, known, publish, OOM_EVENT_INTERVAL).await;

@@ -630,7 +630,7 @@ impl Drop for Containerd {
 }
 
 /// The CRI fixture's CNI network (Debian's plugins): a bridge with the gateway address, addresses
-/// from host-local (its state under `ipam_dir`), and the loopback.
+/// from host-local (its state under `ipam_dir`), and hostPorts by portmap.
 pub fn cni_conflist(ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",
@@ -647,6 +647,12 @@ pub fn cni_conflist(ipam_dir: &Path) -> String {
                     "routes": [{ "dst": "0.0.0.0/0" }],
                     "dataDir": ipam_dir.display().to_string(),
                 },
+            },
+            {
+                // hostPort: DNAT (iptables, nf_tables in the lab) from the node's addresses
+                // to the pod's IP.
+                "type": "portmap",
+                "capabilities": { "portMappings": true },
             },
         ],
     })

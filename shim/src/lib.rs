@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod error;

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::agent::{AgentClient, AgentError, CreateSandboxRequest, ShareSource, AGENT_VSOCK_PORT};
+use crate::cgroup::{CgroupError, PodCgroup, CGROUP_ROOT};
 use crate::config::Config;
 use crate::mount::{self, MountError};
 use crate::network::{self, NetworkError, PodNetwork};
@@ -105,6 +106,9 @@ pub enum SandboxError {
     /// The pod's network namespace cannot be connected to the VM
     #[error("Cannot connect the pod's network to its VM")]
     Network(#[source] NetworkError),
+    /// The pod's cgroup cannot hold the VM
+    #[error("Cannot place the pod's VM in its cgroup")]
+    Cgroup(#[source] CgroupError),
 }
 
 /// A running pod VM.
@@ -119,6 +123,8 @@ pub struct Sandbox {
     kill: std::sync::Arc<Notify>,
     /// The pod's network namespace and the interface connected to the VM there.
     network: Option<(PathBuf, String)>,
+    /// The host cgroup husk-vmm and virtiofsd run in.
+    cgroup: Option<PodCgroup>,
 }
 
 /// Files of a pod directory.
@@ -301,18 +307,49 @@ fn spawn(
 
 impl Sandbox {
     /// Starts the VM of pod `id` with `config`; `hostname` is the guest's; `netns` is the
-    /// pod's network namespace (CRI's), whose interface the VM gets.
+    /// pod's network namespace (CRI's), whose interface the VM gets; `cgroups_path` is the
+    /// sandbox container's (`linux.cgroupsPath`), the host cgroup the VM's processes run in.
     pub async fn start(
         id: &str,
         config: &Config,
         hostname: &str,
         netns: Option<&Path>,
+        cgroups_path: Option<&str>,
     ) -> Result<Self, SandboxError> {
         let layout = Layout::new(&config.state_dir, id);
         layout.check(hostname)?;
         if layout.dir.exists() {
             return Err(SandboxError::Exists(layout.dir));
         }
+        let cgroup = match cgroups_path {
+            Some(path) => {
+                PodCgroup::create(Path::new(CGROUP_ROOT), path).map_err(SandboxError::Cgroup)?
+            }
+            None => None,
+        };
+        let started = Self::start_with(id, config, hostname, netns, &layout, cgroup.as_ref()).await;
+        match started {
+            Ok(mut sandbox) => {
+                sandbox.cgroup = cgroup;
+                Ok(sandbox)
+            }
+            Err(e) => {
+                if let Some(cgroup) = cgroup {
+                    remove_cgroup(cgroup).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_with(
+        id: &str,
+        config: &Config,
+        hostname: &str,
+        netns: Option<&Path>,
+        layout: &Layout,
+        cgroup: Option<&PodCgroup>,
+    ) -> Result<Self, SandboxError> {
         let dir_error = |source| SandboxError::Dir {
             path: layout.dir.clone(),
             source,
@@ -332,7 +369,7 @@ impl Sandbox {
             None => None,
         };
         let connected = network.as_ref().map(PodNetwork::connection);
-        match Self::start_in(id, config, hostname, &layout, network).await {
+        match Self::start_in(id, config, hostname, layout, network, cgroup).await {
             Ok(sandbox) => Ok(sandbox),
             Err(e) => {
                 if let Some((netns, name)) = connected {
@@ -350,18 +387,18 @@ impl Sandbox {
         hostname: &str,
         layout: &Layout,
         network: Option<PodNetwork>,
+        cgroup: Option<&PodCgroup>,
     ) -> Result<Self, SandboxError> {
         mount::make_share(&layout.mounts, &layout.shared).map_err(SandboxError::Mount)?;
         let fs_cmd =
             VirtiofsdCommand::new(&config.virtiofsd_path, &layout.fs_socket, &layout.shared)
                 .cache(config.virtiofs_cache);
         let fs_log = layout.dir.join("virtiofsd.log");
-        let mut virtiofsd = spawn(
-            "virtiofsd",
-            &config.virtiofsd_path,
-            fs_cmd.command(),
-            &fs_log,
-        )?;
+        let mut fs_command = fs_cmd.command();
+        if let Some(cgroup) = cgroup {
+            cgroup.join_on_exec(&mut fs_command);
+        }
+        let mut virtiofsd = spawn("virtiofsd", &config.virtiofsd_path, fs_command, &fs_log)?;
         let deadline = tokio::time::Instant::now() + VIRTIOFSD_SOCKET_TIMEOUT;
         while !layout.fs_socket.exists() {
             if let Ok(Some(st)) = virtiofsd.try_wait() {
@@ -404,6 +441,9 @@ impl Sandbox {
         let mut command = vmm_cmd.command();
         if let Some(network) = &network {
             crate::vmm::inherit_fd(&mut command, network.tap.as_raw_fd(), NET_TAP_FD);
+        }
+        if let Some(cgroup) = cgroup {
+            cgroup.join_on_exec(&mut command);
         }
         let vmm_log = layout.dir.join("vmm.log");
         let vmm = spawn("husk-vmm", &config.vmm_path, command, &vmm_log)?;
@@ -455,6 +495,7 @@ impl Sandbox {
             exited,
             kill,
             network: connection,
+            cgroup: None,
         })
     }
 
@@ -594,8 +635,18 @@ impl Sandbox {
         if let Some((netns, name)) = &self.network {
             disconnect(netns.clone(), name.clone()).await;
         }
+        if let Some(cgroup) = &self.cgroup {
+            // Its processes are reaped: the cgroups this pod made can go.
+            let created = cgroup.created().to_vec();
+            let _ = tokio::task::spawn_blocking(move || crate::cgroup::remove_dirs(&created)).await;
+        }
         remove_dir(&self.dir);
     }
+}
+
+/// Removes a pod's cgroup off the runtime's threads (it may wait for the cgroup to empty).
+async fn remove_cgroup(cgroup: PodCgroup) {
+    let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
 }
 
 /// Removes the tc redirect from the pod's network namespace (off the runtime's threads).
@@ -669,7 +720,7 @@ mod tests {
             virtiofsd_path: state.path().join("no-such-virtiofsd"),
             ..Config::default()
         };
-        let err = Sandbox::start("pod1", &config, "pod1", None)
+        let err = Sandbox::start("pod1", &config, "pod1", None, None)
             .await
             .unwrap_err();
         assert!(
@@ -703,7 +754,7 @@ mod tests {
             ..Config::default()
         };
         let hostname = "é".repeat(40);
-        let err = Sandbox::start("pod1", &config, &hostname, None)
+        let err = Sandbox::start("pod1", &config, &hostname, None, None)
             .await
             .unwrap_err();
         assert!(
@@ -711,7 +762,9 @@ mod tests {
             "{err:?}"
         );
         let id = "p".repeat(100);
-        let err = Sandbox::start(&id, &config, "h", None).await.unwrap_err();
+        let err = Sandbox::start(&id, &config, "h", None, None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, SandboxError::Invalid(m) if m.contains("too long for its sockets")),
             "{err:?}"
@@ -727,7 +780,7 @@ mod tests {
             state_dir: state.path().to_owned(),
             ..Config::default()
         };
-        let err = Sandbox::start("pod1", &config, "pod1", None)
+        let err = Sandbox::start("pod1", &config, "pod1", None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, SandboxError::Exists(_)), "{err:?}");

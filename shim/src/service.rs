@@ -225,8 +225,14 @@ impl Service {
                     .unwrap_or(&id[..id.len().min(64)]);
                 let netns = spec::netns_path(spec);
                 let sandbox = Arc::new(
-                    Sandbox::start(&membership.sandbox_id, &config, hostname, netns.as_deref())
-                        .await?,
+                    Sandbox::start(
+                        &membership.sandbox_id,
+                        &config,
+                        hostname,
+                        netns.as_deref(),
+                        spec::cgroups_path(spec),
+                    )
+                    .await?,
                 );
                 *lock(&self.inner.pod) = Some((sandbox.clone(), config.clone()));
                 self.watch_pod(sandbox.clone());

@@ -134,6 +134,14 @@ pub fn netns_path(spec: &Value) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The spec's `linux.cgroupsPath`, if it names one: the host cgroup of a sandbox's VM
+/// ([`crate::cgroup`]).
+pub fn cgroups_path(spec: &Value) -> Option<&str> {
+    spec.pointer("/linux/cgroupsPath")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+}
+
 /// The sandbox id from a bundle's `config.json` (for `start`, which groups the containers of
 /// a pod into one shim): `Ok(None)` when the container is its own pod or the spec cannot be
 /// read (`create` reports that), an error when the id is not a valid one.

@@ -20,9 +20,9 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec, KeyValue,
     LinuxPodSandboxConfig, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStatus, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
-    StopPodSandboxRequest,
+    PodSandboxMetadata, PodSandboxStats, PodSandboxStatsRequest, PodSandboxStatus,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StatusRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -354,6 +354,18 @@ impl Cri {
         self.call("RemoveContainer", |mut c| async move {
             c.remove_container(request).await
         });
+    }
+
+    /// PodSandboxStats.
+    pub fn pod_stats(&self, pod_id: &str) -> PodSandboxStats {
+        let request = PodSandboxStatsRequest {
+            pod_sandbox_id: pod_id.into(),
+        };
+        self.call("PodSandboxStats", |mut c| async move {
+            c.pod_sandbox_stats(request).await
+        })
+        .stats
+        .expect("PodSandboxStats without stats")
     }
 
     /// PodSandboxStatus.

@@ -8,11 +8,14 @@
 
 mod client;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use client::Cri;
 use husk_integration::containerd::{Runtime, CNI_SUBNET};
-use k8s_cri::v1::{ContainerState, LinuxContainerConfig, LinuxContainerResources};
+use k8s_cri::v1::{
+    ContainerState, LinuxContainerConfig, LinuxContainerResources, PortMapping, Protocol,
+};
 
 /// How long a pod's teardown may take to leave nothing behind.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,6 +36,14 @@ fn pod_ip(cri: &Cri, pod_id: &str) -> String {
         "the pod's CRI-reported IP {ip:?} is not in the CNI subnet {CNI_SUBNET}"
     );
     ip
+}
+
+/// The pod's hostPort in the first test.
+const HOST_PORT: u16 = 18080;
+
+/// An address of the node (this host): the CNI bridge's gateway, the first of its subnet.
+fn node_ip() -> String {
+    format!("{}1", CNI_SUBNET.trim_end_matches("0/24"))
 }
 
 /// The body of `GET /` from `ip:port`, from this (the host's) network namespace, retried
@@ -64,11 +75,18 @@ fn http_get(ip: &str, port: u16, timeout: Duration) -> String {
 }
 
 /// A pod serves on the IP CRI reports: from the host, through CNI's bridge, and from a
-/// second pod; inside the pod on localhost, with the pod's IP on its `eth0`.
+/// second pod; inside the pod on localhost, with the pod's IP on its `eth0`; and on its
+/// hostPort at the node's address (CNI's portmap).
 #[test]
 fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
     let cri = Cri::start();
-    let web = cri.pod_config("web");
+    let mut web = cri.pod_config("web");
+    web.port_mappings = vec![PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: HOST_PORT.into(),
+        host_ip: String::new(),
+    }];
     let web_id = cri.run_pod(&web);
     let ip = pod_ip(&cri, &web_id);
     let server = cri.container_config(
@@ -86,6 +104,11 @@ fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
         http_get(&ip, 8080, Duration::from_secs(60)),
         "hello-from-web\n",
         "host → pod"
+    );
+    assert_eq!(
+        http_get(&node_ip(), HOST_PORT, Duration::from_secs(30)),
+        "hello-from-web\n",
+        "host → the pod's hostPort at the node's address"
     );
     assert_eq!(
         cri.exec_ok(&server_id, &["wget", "-qO-", "http://127.0.0.1:8080/"]),
@@ -337,6 +360,148 @@ fn oom_killed_and_unstartable_containers_report_as_under_runc() {
 
     cri.remove_pod(&pod_id);
     cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}
+
+/// A pod cgroup as a kubelet with the cgroupfs driver makes it, `/husk-test-kubepods/pod<uid>`,
+/// with the memory and pids controllers enabled down to it; removed on drop.
+struct KubeletPodCgroup {
+    top: PathBuf,
+    dir: PathBuf,
+}
+
+impl KubeletPodCgroup {
+    const ROOT: &'static str = "/sys/fs/cgroup";
+
+    fn new(uid: &str) -> Self {
+        let root = Path::new(Self::ROOT);
+        assert!(
+            root.join("cgroup.controllers").is_file(),
+            "this test needs cgroup v2 at {} (the lab mounts it)",
+            Self::ROOT
+        );
+        let top = root.join("husk-test-kubepods");
+        let dir = top.join(format!("pod{uid}"));
+        std::fs::create_dir_all(&dir).expect("the pod's cgroup");
+        for at in [root, top.as_path()] {
+            std::fs::write(at.join("cgroup.subtree_control"), "+memory +pids")
+                .unwrap_or_else(|e| panic!("enable memory and pids under {}: {e}", at.display()));
+        }
+        Self { top, dir }
+    }
+
+    /// The cgroup as CRI's `cgroup_parent` names it.
+    fn parent(&self) -> String {
+        format!("/{}", self.dir.strip_prefix(Self::ROOT).unwrap().display())
+    }
+
+    /// The processes in the pod's cgroup and below it.
+    fn pids(&self) -> Vec<i32> {
+        fn walk(dir: &Path, out: &mut Vec<i32>) {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            out.extend(procs.lines().filter_map(|l| l.parse::<i32>().ok()));
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.dir, &mut out);
+        out
+    }
+
+    /// The cgroups left under the pod's.
+    fn children(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    }
+}
+
+impl Drop for KubeletPodCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(&self.top);
+    }
+}
+
+/// A process's name and the memory it holds (RssAnon + RssShmem), in bytes.
+fn process_memory(pid: i32) -> Option<(String, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let name = status
+        .lines()
+        .next()?
+        .strip_prefix("Name:")?
+        .trim()
+        .to_owned();
+    Some((name, field("RssAnon:") + field("RssShmem:")))
+}
+
+/// The pod's host cost lives in the pod's cgroup (item 7): every process that runs the pod is in
+/// the cgroup a kubelet made for it (under husk the VMM, its waiter and virtiofsd, under runc the
+/// pause and the app), so the kubelet's pod limits bind them, and PodSandboxStats reports at least the
+/// memory they hold. When the pod is gone, no cgroup of its is left under the kubelet's.
+#[test]
+fn the_pods_cgroup_holds_its_cost_and_pod_sandbox_stats_reports_it() {
+    let cri = Cri::start();
+    let cgroup = KubeletPodCgroup::new("stats");
+    let mut pod = cri.pod_config("stats");
+    pod.linux.get_or_insert_with(Default::default).cgroup_parent = cgroup.parent();
+    let pod_id = cri.run_pod(&pod);
+    let main = cri.container_config("main", 0, &["sleep", "100000"]);
+    cri.start_container(&pod_id, &pod, main);
+
+    let held: Vec<(String, u64)> = cgroup
+        .pids()
+        .into_iter()
+        .filter_map(process_memory)
+        .collect();
+    let names: Vec<&str> = held.iter().map(|(n, _)| n.as_str()).collect();
+    // At least these many processes of each name (the test's pause image runs `sleep`).
+    let expected: &[(&str, usize)] = match cri.runtime() {
+        Runtime::Husk => &[("husk-vmm", 2), ("virtiofsd", 1)],
+        Runtime::Runc => &[("sleep", 2)],
+    };
+    for &(want, count) in expected {
+        assert!(
+            names.iter().filter(|n| **n == want).count() >= count,
+            "fewer than {count} {want} in the pod's cgroup {}: {names:?}",
+            cgroup.parent()
+        );
+    }
+    let memory = cri
+        .pod_stats(&pod_id)
+        .linux
+        .and_then(|l| l.memory)
+        .expect("PodSandboxStats without memory");
+    let working_set = memory.working_set_bytes.map_or(0, |v| v.value);
+    let total: u64 = held.iter().map(|(_, b)| b).sum();
+    assert!(
+        working_set >= total * 8 / 10,
+        "PodSandboxStats' working set ({working_set} bytes) misses what the pod's processes \
+         hold ({total} bytes: {held:?})"
+    );
+    eprintln!("pod working set {working_set} bytes; its processes hold {total}: {held:?}");
+
+    cri.remove_pod(&pod_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+    assert_eq!(
+        cgroup.children(),
+        Vec::<PathBuf>::new(),
+        "cgroups left in the pod's"
+    );
 }
 
 /// A pod's namespaced sysctls (here `net.ipv4.ip_unprivileged_port_start`, which Kubernetes

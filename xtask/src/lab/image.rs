@@ -47,6 +47,19 @@ pub const LAB_MODULES: &[&str] = &[
     "sch_ingress",
     "cls_u32",
     "act_mirred",
+    // CNI's portmap for hostPorts: iptables (Debian's is iptables-nft) with the matches and
+    // targets its rules use. crc32c first: conntrack's libcrc32c wants it (a softdep, which
+    // modules.dep does not list).
+    "crc32c_generic",
+    "nft_compat",
+    "nft_chain_nat",
+    "xt_nat",
+    "xt_comment",
+    "xt_multiport",
+    "xt_addrtype",
+    "xt_mark",
+    "xt_MASQUERADE",
+    "xt_tcpudp",
 ];
 /// The `console` device node (`Documentation/admin-guide/devices.txt`).
 const CONSOLE_MAJOR: u32 = 5;

@@ -89,6 +89,11 @@ fn collect_pids(dir: &Path, out: &mut Vec<u32>) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// Whether the container's cgroup is frozen (paused): `cgroup.freeze` reads 1.
+pub fn frozen(container_id: &str) -> bool {
+    read(&dir(container_id), "cgroup.freeze").is_ok_and(|t| t.trim() == "1")
+}
+
 /// The oom_kill counter of memory.events (0 if unreadable).
 pub fn oom_kills(container_id: &str) -> u64 {
     read(&dir(container_id), "memory.events")

@@ -158,6 +158,14 @@ fn undo_create(id: &str) {
     }
 }
 
+/// A signal number from the host.
+fn parse_signal(signal: u32) -> Result<Signal> {
+    i32::try_from(signal)
+        .ok()
+        .and_then(|s| Signal::try_from(s).ok())
+        .ok_or_else(|| ContainerError::Invalid(format!("invalid signal {signal}")))
+}
+
 fn load(id: &str) -> std::result::Result<YoukiContainer, libcontainer::error::LibcontainerError> {
     YoukiContainer::load(Path::new(YOUKI_ROOT).join(id))
 }
@@ -231,15 +239,19 @@ impl Containers {
         Ok(())
     }
 
-    /// `CreateContainer`: returns the init pid.
+    /// `CreateContainer`: returns the init pid. `pid_namespace_of`, if not empty, names the
+    /// live container whose PID namespace this one joins.
     pub async fn create(
         &self,
         id: &str,
         spec_json: &[u8],
         stdio: Option<&StdioConfig>,
+        pid_namespace_of: &str,
     ) -> Result<u32> {
         self.reserve(id)?;
-        let r = self.create_reserved(id, spec_json, stdio).await;
+        let r = self
+            .create_reserved(id, spec_json, stdio, pid_namespace_of)
+            .await;
         let mut st = self.lock();
         st.busy.remove(id);
         let (pid, entry) = r?;
@@ -254,10 +266,15 @@ impl Containers {
         id: &str,
         spec_json: &[u8],
         stdio: Option<&StdioConfig>,
+        pid_namespace_of: &str,
     ) -> Result<(u32, Entry)> {
         let (kinds, tty_size) = kinds(stdio)?;
         let mut spec = spec::prepare(id, spec_json, Path::new(SHARED_DIR), &cgroup::spec_path(id))
             .map_err(ContainerError::Spec)?;
+        if !pid_namespace_of.is_empty() {
+            let path = self.pid_namespace(pid_namespace_of)?;
+            spec::join_pid_namespace(&mut spec, path).map_err(ContainerError::Spec)?;
+        }
         net::take_pod_hostname(&mut spec);
         let pod_sysctls = net::take_pod_sysctls(&mut spec);
         if !pod_sysctls.is_empty() {
@@ -347,6 +364,21 @@ impl Containers {
             .get_mut(id)
             .ok_or_else(|| ContainerError::NoContainer(id.to_owned()))?;
         f(e)
+    }
+
+    /// The PID namespace of container `id`'s init, for a container that joins it. Only a
+    /// live container of the pod qualifies: never the agent's own namespace. (Its init's pid
+    /// is not reaped, hence not reused, before its exit is recorded here.)
+    fn pid_namespace(&self, id: &str) -> Result<PathBuf> {
+        self.entry(id, |e| {
+            if e.init.exit().is_some() || e.init.pid <= 0 {
+                return Err(ContainerError::State(
+                    id.to_owned(),
+                    "not running: its PID namespace cannot be joined",
+                ));
+            }
+            Ok(PathBuf::from(format!("/proc/{}/ns/pid", e.init.pid)))
+        })
     }
 
     /// `StartContainer`.
@@ -440,10 +472,7 @@ impl Containers {
 
     /// `SignalProcess`.
     pub fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
-        let sig = i32::try_from(signal)
-            .ok()
-            .and_then(|s| Signal::try_from(s).ok())
-            .ok_or_else(|| ContainerError::Invalid(format!("invalid signal {signal}")))?;
+        let sig = parse_signal(signal)?;
         let p = self.process(id, exec_id)?;
         if p.exit().is_some() || p.pid <= 0 {
             return Err(ContainerError::State(

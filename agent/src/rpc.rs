@@ -159,7 +159,12 @@ impl husk_agent_api::Agent for AgentService {
     ) -> ttrpc::Result<CreateContainerResponse> {
         let pid = self
             .containers
-            .create(&req.container_id, &req.oci_spec_json, req.stdio.as_ref())
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                req.stdio.as_ref(),
+                &req.pid_namespace_of,
+            )
             .await?;
         Ok(CreateContainerResponse {
             pid,
@@ -204,8 +209,20 @@ impl husk_agent_api::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<SignalProcessResponse> {
-        self.containers
-            .signal(&req.container_id, &req.exec_id, req.signal)?;
+        if req.all {
+            if !req.exec_id.is_empty() {
+                return Err(ContainerError::Invalid(
+                    "`all` signals a container, not an exec".into(),
+                )
+                .into());
+            }
+            self.containers
+                .signal_all(&req.container_id, req.signal)
+                .await?;
+        } else {
+            self.containers
+                .signal(&req.container_id, &req.exec_id, req.signal)?;
+        }
         Ok(SignalProcessResponse::default())
     }
 

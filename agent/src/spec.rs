@@ -13,7 +13,9 @@
 //! a container without its own PID and mount namespaces (it would see and could kill the
 //! agent, PID 1), mount types outside the ones a container runtime uses (no block or network
 //! file systems, no second virtio-fs mount of the share), and device nodes outside the
-//! harmless character devices (no `/dev/mem`, no disks, no vsock).
+//! harmless character devices (no `/dev/mem`, no disks, no vsock). A container joins another
+//! container's PID namespace only by that container's id (`CreateContainer`'s
+//! `pid_namespace_of`), which the agent turns into the path ([`join_pid_namespace`]).
 
 use std::path::{Path, PathBuf};
 
@@ -213,6 +215,21 @@ pub fn prepare(
     Ok(spec)
 }
 
+/// Makes the container join the PID namespace at `path` (another container's of the pod,
+/// which the caller has checked) instead of having one of its own.
+pub fn join_pid_namespace(spec: &mut Spec, path: PathBuf) -> Result<(), SpecError> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let linux = spec.linux_mut().as_mut().ok_or(SpecError::NoLinux)?;
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    let pid = namespaces
+        .iter_mut()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Pid)
+        .ok_or(SpecError::NamespaceMissing("pid"))?;
+    pid.set_path(Some(path));
+    linux.set_namespaces(Some(namespaces));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +362,37 @@ mod tests {
         }
         let ok = serde_json::json!([{"destination": "/proc", "type": "proc", "source": "proc"}]);
         prepare("c1", &spec_json(ok), share, cg).unwrap();
+    }
+
+    /// Only the pid namespace gets the path; a spec without one is refused.
+    #[test]
+    fn a_joined_pid_namespace_is_the_only_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path();
+        std::fs::create_dir_all(share.join("c1/rootfs")).unwrap();
+        let cg = Path::new("/husk/c1");
+        let mut spec = prepare("c1", &spec_json(serde_json::json!([])), share, cg).unwrap();
+        join_pid_namespace(&mut spec, PathBuf::from("/proc/7/ns/pid")).unwrap();
+        let paths: Vec<_> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|ns| (format!("{:?}", ns.typ()), ns.path().clone()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("Pid".to_owned(), Some(PathBuf::from("/proc/7/ns/pid"))),
+                ("Mount".to_owned(), None)
+            ]
+        );
+        let mut no_linux = Spec::default();
+        no_linux.set_linux(None);
+        assert!(join_pid_namespace(&mut no_linux, PathBuf::from("/proc/7/ns/pid")).is_err());
     }
 
     #[test]

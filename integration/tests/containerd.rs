@@ -443,11 +443,14 @@ fn pause_freezes_and_resume_thaws() {
     c.assert_no_leftovers(CLEANUP);
 }
 
+/// The metrics of a running task, then `ctr task kill --all`: the TERM reaches the init's child
+/// too, which neither the shim nor the agent started (the init, PID 1 of its namespace without
+/// a TERM handler, ignores it; its `wait` then returns the child's 128 + 15).
 #[test]
-fn task_metrics_report_memory_and_pids() {
+fn task_metrics_report_memory_and_pids_and_kill_all_reaches_them() {
     let c = Containerd::start();
     let id = "metrics";
-    run_detached(&c, &[], id, &["sh", "-c", "sleep 100000 & wait"]);
+    run_detached(&c, &[], id, &["sh", "-c", "sleep 100000 & wait $!"]);
     let out = c.ctr_ok(&["task", "metrics", "--format", "json", id]);
     let m: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("metrics JSON ({e}): {out}"));
@@ -460,8 +463,15 @@ fn task_metrics_report_memory_and_pids() {
         .unwrap_or(0);
     assert_eq!(pids, 2, "pids.current (sh and its sleep): {out}");
     assert!(memory > 0, "memory usage 0: {out}");
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+    c.ctr_ok(&["task", "kill", "--all", "-s", "SIGTERM", id]);
     c.wait_task_status(id, "STOPPED", Duration::from_secs(60));
+    let exit = c.wait_exit(id, "", EVENT);
+    assert_eq!(
+        exit.exit_status(),
+        128 + 15,
+        "the init's wait returns its TERM-killed child's status: {}",
+        exit.body
+    );
     delete(&c, id);
     c.assert_no_leftovers(CLEANUP);
 }

@@ -222,10 +222,12 @@ fn exec_signals_pause_stats_and_remove() {
         let stats = pod.client.stats_container("c1").await.expect("stats");
         assert_eq!(stats.memory.as_ref().unwrap().limit_bytes, 100_663_296);
 
-        // Pause freezes: a paused container does not react to SIGTERM until resumed.
+        // Pause freezes: a paused container does not react to SIGTERM until resumed, not
+        // even to one for all its processes (which freezes and thaws the cgroup of a running
+        // container, and must leave a paused one frozen).
         pod.client.pause_container("c1").await.expect("Pause");
         pod.client
-            .signal_process("c1", "", libc::SIGTERM)
+            .signal_process("c1", "", libc::SIGTERM, true)
             .await
             .expect("SIGTERM");
         let early = tokio::time::timeout(
@@ -251,7 +253,7 @@ fn exec_signals_pause_stats_and_remove() {
             .await;
         pod.client.start_container("c2").await.expect("start c2");
         pod.client
-            .signal_process("c2", "", libc::SIGKILL)
+            .signal_process("c2", "", libc::SIGKILL, false)
             .await
             .expect("SIGKILL");
         let w = pod
@@ -304,6 +306,9 @@ fn bad_requests_are_refused_and_oom_is_reported() {
             expect(c.create_container(id, ok.clone(), none.clone()).await, Code::INVALID_ARGUMENT, id);
         }
         expect(c.create_container("nope", ok.clone(), none.clone()).await, Code::INVALID_ARGUMENT, "no rootfs");
+        // Joining the PID namespace of a container that does not exist (never the agent's).
+        expect(c.create_container_joining("c1", ok.clone(), none.clone(), "nope").await, Code::NOT_FOUND, "pid namespace of none");
+        expect(c.create_container_joining("c1", ok.clone(), none.clone(), "..").await, Code::INVALID_ARGUMENT, "pid namespace of ..");
         // Malformed and oversized specs.
         expect(c.create_container("c1", b"{\"ociVersion\":".to_vec(), none.clone()).await, Code::INVALID_ARGUMENT, "malformed");
         expect(c.create_container("c1", vec![b' '; 600 * 1024], none.clone()).await, Code::INVALID_ARGUMENT, "oversized");

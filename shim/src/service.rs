@@ -250,6 +250,21 @@ impl Service {
         is_sandbox: bool,
     ) -> Result<u32, TaskError> {
         let id = req.id.as_str();
+        // The pod's container whose PID namespace this one joins, found by the pid the shim
+        // reported for it (checked before anything is made).
+        let pid_namespace_of = match spec::pid_namespace_pid(&spec)? {
+            None => String::new(),
+            Some(pid) => lock(&self.inner.containers)
+                .iter()
+                .find(|(_, c)| c.init.pid == pid && c.init.exit().is_none())
+                .map(|(id, _)| id.clone())
+                .ok_or_else(|| {
+                    TaskError::InvalidArgument(format!(
+                        "the PID namespace /proc/{pid}/ns/pid of container {id} is not a live container's of pod {}",
+                        sandbox.id()
+                    ))
+                })?,
+        };
         let share_dir = sandbox.mounts_dir().join(id);
         if share_dir.exists() {
             return Err(TaskError::AlreadyExists(format!(
@@ -318,7 +333,7 @@ impl Service {
             let mut relay = Relay::attach(sandbox.vsock_uds(), id, "", &paths).await?;
             match sandbox
                 .agent()
-                .create_container(id, json, paths.config())
+                .create_container_joining(id, json, paths.config(), &pid_namespace_of)
                 .await
             {
                 Ok(pid) => Ok((pid, relay)),

@@ -13,8 +13,12 @@
 //!   shim connects its CNI interface to the VM, [`crate::network`]), so the
 //!   container shares the guest's (the pod's) namespace of that type — except PID and mount
 //!   namespaces, which in the guest are the agent's: those become namespaces of the
-//!   container's own (`shareProcessNamespace` is not honoured yet); a spec without them
-//!   (`hostPID`) gets them added, and the agent refuses a container without them;
+//!   container's own; a spec without them (`hostPID`) gets them added, and the agent refuses
+//!   a container without them. A PID namespace path must be `/proc/<pid>/ns/pid` of a live
+//!   container of the pod ([`pid_namespace_pid`]: CRI's `shareProcessNamespace` names the
+//!   sandbox container's, a debug container its target's, by the pid the shim reported):
+//!   the agent then makes the container join that container's namespace in the guest. Any
+//!   other PID namespace path is refused;
 //! * a CRI pod's sandbox (pause) container shares the guest's network, IPC and UTS namespaces
 //!   too, although CRI asks new ones for it: those are the pod's, which its app containers
 //!   share (their paths to the pause container's were dropped above). The agent then sets the
@@ -57,6 +61,9 @@ pub enum SpecError {
     /// A mount source is not usable
     #[error("Mount source {0} must be an absolute path without `..`")]
     MountSource(String),
+    /// A PID namespace path that cannot name a container of the pod
+    #[error("The PID namespace path {0:?} is not /proc/<pid>/ns/pid: in a husk VM a container can only join the PID namespace of another container of its pod")]
+    PidNamespace(String),
 }
 
 /// The pod a container belongs to.
@@ -109,6 +116,30 @@ pub fn pod_membership(id: &str, spec: &Value) -> Result<PodMembership, SpecError
             is_sandbox: true,
         },
     })
+}
+
+/// The task pid whose PID namespace the spec asks to join (`linux.namespaces[type=pid].path`
+/// of the form `/proc/<pid>/ns/pid`), or `None` for a namespace of its own. containerd's CRI
+/// writes the pid the shim reported for the task (the sandbox container's for
+/// `shareProcessNamespace`, the target's for a debug container): the caller looks it up
+/// among the pod's containers.
+pub fn pid_namespace_pid(spec: &Value) -> Result<Option<u32>, SpecError> {
+    let Some(path) = namespace(spec, "pid")
+        .and_then(|ns| ns.get("path"))
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    path.strip_prefix("/proc/")
+        .and_then(|rest| rest.strip_suffix("/ns/pid"))
+        .filter(|digits| {
+            !digits.is_empty() && digits.len() <= 10 && digits.bytes().all(|b| b.is_ascii_digit())
+        })
+        .and_then(|digits| digits.parse::<u32>().ok())
+        .filter(|&pid| pid > 0)
+        .map(Some)
+        .ok_or_else(|| SpecError::PidNamespace(path.to_owned()))
 }
 
 /// Whether the spec has a `linux.namespaces` entry of type `kind`.
@@ -467,6 +498,37 @@ mod tests {
         let own = json!({"linux": {"namespaces": [{"type": "network"}]}});
         assert_eq!(netns_path(&own), None);
         assert_eq!(netns_path(&json!({})), None);
+    }
+
+    /// A PID namespace path names a task pid, or nothing a VM could join.
+    #[test]
+    fn pid_namespace_paths_name_a_task_pid_or_are_refused() {
+        let with = |path: &str| json!({"linux": {"namespaces": [{"type": "pid", "path": path}]}});
+        assert_eq!(
+            pid_namespace_pid(&with("/proc/42/ns/pid")).unwrap(),
+            Some(42)
+        );
+        assert_eq!(pid_namespace_pid(&with("")).unwrap(), None);
+        assert_eq!(
+            pid_namespace_pid(&json!({"linux": {"namespaces": [{"type": "pid"}]}})).unwrap(),
+            None
+        );
+        assert_eq!(pid_namespace_pid(&json!({})).unwrap(), None);
+        for bad in [
+            "/proc/0/ns/pid",
+            "/proc/self/ns/pid",
+            "/proc/42/ns/net",
+            "/proc//ns/pid",
+            "/proc/42/../1/ns/pid",
+            "/proc/99999999999/ns/pid",
+            "/var/run/netns/x",
+            "proc/42/ns/pid",
+        ] {
+            assert!(
+                matches!(pid_namespace_pid(&with(bad)), Err(SpecError::PidNamespace(p)) if p == bad),
+                "{bad}"
+            );
+        }
     }
 
     /// Host namespace paths leave the guest's spec; the pod's network namespace reaches the

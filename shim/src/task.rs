@@ -263,7 +263,7 @@ impl Task for HuskTask {
                 .ok_or_else(|| {
                     TaskError::InvalidArgument(format!("invalid signal {}", req.signal))
                 })?;
-            let targets = self.service.with(&req.id, |c| {
+            self.service.with(&req.id, |c| {
                 let p = c.process(&req.id, &req.exec_id)?;
                 if p.exit().is_some() {
                     return Err(TaskError::NotFound(format!(
@@ -271,33 +271,16 @@ impl Task for HuskTask {
                         req.id, req.exec_id
                     )));
                 }
-                let mut targets = vec![req.exec_id.clone()];
-                if req.all && req.exec_id.is_empty() {
-                    targets.extend(
-                        c.execs
-                            .iter()
-                            .filter(|(_, p)| p.status == Status::RUNNING && p.exit().is_none())
-                            .map(|(e, _)| e.clone()),
-                    );
-                }
-                Ok(targets)
+                Ok(())
             })?;
-            let sandbox = self.service.pod()?;
-            let (first, rest) = targets.split_first().expect("one target at least");
-            sandbox
+            // `all` (an init's Kill only, as runc): the agent signals every process in the
+            // container's cgroup, the execs the shim started among them.
+            let all = req.all && req.exec_id.is_empty();
+            self.service
+                .pod()?
                 .agent()
-                .signal_process(&req.id, first, signal as i32)
+                .signal_process(&req.id, &req.exec_id, signal as i32, all)
                 .await?;
-            for exec in rest {
-                // An exec may end between listing and signalling; that is not an error.
-                if let Err(e) = sandbox
-                    .agent()
-                    .signal_process(&req.id, exec, signal as i32)
-                    .await
-                {
-                    debug!(container = %req.id, exec, error = %e, "signal to exec failed");
-                }
-            }
             Ok(())
         };
         run.await.map_err(|e| fail("Kill", e))?;

@@ -14,7 +14,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision of `agent.proto`, reported in `VersionResponse.api_revision`.
 /// Bump it whenever an RPC or a field is added.
-pub const API_REVISION: u32 = 3;
+pub const API_REVISION: u32 = 4;
 
 /// The guest vsock port of the agent's stdio streams (docs/contracts.md, "Containers").
 pub const STDIO_VSOCK_PORT: u32 = 1025;

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
+use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt, FreezerState};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use oci_spec::runtime::LinuxResources;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{blocking, load, ContainerError, Containers, Result};
 use crate::{cgroup, spec};
@@ -44,6 +46,30 @@ impl Containers {
                 }
                 e => ContainerError::Youki(if pause { "pause" } else { "resume" }, e),
             })
+    }
+
+    /// `SignalProcess` with `all` (`runc kill --all`): the signal to every process in the
+    /// container's cgroup, not only the ones the agent started (a daemon's children, a
+    /// process that joined through a shared namespace). The cgroup is frozen while its pids
+    /// are read and signalled, so nothing forks past the signal; a paused container stays
+    /// frozen (SIGKILL still ends its processes, other signals wait for the resume). A
+    /// created container's only process is its init.
+    pub async fn signal_all(&self, id: &str, signal: u32) -> Result<()> {
+        let sig = super::parse_signal(signal)?;
+        let started = self.entry(id, |e| {
+            if e.init.exit().is_some() {
+                return Err(ContainerError::State(
+                    id.to_owned(),
+                    "not running that process",
+                ));
+            }
+            Ok(e.started)
+        })?;
+        if !started {
+            return self.signal(id, "", signal);
+        }
+        let cid = id.to_owned();
+        blocking(move || signal_cgroup(&cid, sig)).await
     }
 
     /// `UpdateContainer`: applies new `linux.resources` to the cgroup.
@@ -107,4 +133,39 @@ impl Containers {
         let mut rx = self.oom_rx.lock().await;
         rx.recv().await.unwrap_or_default()
     }
+}
+
+/// Freezes the container's cgroup (unless it is frozen already), signals every pid in it and
+/// thaws it again.
+fn signal_cgroup(id: &str, sig: Signal) -> Result<()> {
+    let manager = libcgroups::common::create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup::spec_path(id),
+        systemd_cgroup: false,
+        container_name: id.to_owned(),
+    })
+    .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
+    let paused = cgroup::frozen(id);
+    if !paused {
+        manager
+            .freeze(FreezerState::Frozen)
+            .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
+    }
+    let signalled = manager
+        .get_all_pids()
+        .map_err(|e| ContainerError::Cgroup(e.to_string()))
+        .and_then(|pids| {
+            pids.into_iter().try_for_each(|pid| {
+                match nix::sys::signal::kill(pid, sig) {
+                    // Gone between the listing and the signal: what the signal wanted.
+                    Ok(()) | Err(Errno::ESRCH) => Ok(()),
+                    Err(e) => Err(ContainerError::Signal(e)),
+                }
+            })
+        });
+    if !paused {
+        if let Err(e) = manager.freeze(FreezerState::Thawed) {
+            warn!(container = %id, error = %e, "cannot thaw the cgroup after signalling it");
+        }
+    }
+    signalled
 }

@@ -78,7 +78,7 @@ fn main() -> Result<()> {
             "exec round trip of true: median {:.1} ms (min {min:.1}, max {max:.1}) over {runs} runs",
             median_ms(samples)
         );
-        pod.client.signal_process("c1", "", libc::SIGKILL).await?;
+        pod.client.signal_process("c1", "", libc::SIGKILL, false).await?;
         pod.client.wait_process("c1", "", WAIT).await?;
         pod.client.remove_container("c1", false).await?;
         pod.shutdown().await;

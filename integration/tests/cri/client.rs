@@ -463,6 +463,18 @@ impl Cri {
         pod
     }
 
+    /// `shareProcessNamespace: true` on a pod config: its containers join the sandbox
+    /// container's PID namespace.
+    pub fn with_shared_pid_namespace(mut pod: PodSandboxConfig) -> PodSandboxConfig {
+        let linux = pod.linux.get_or_insert_with(Default::default);
+        let security = linux.security_context.get_or_insert_with(Default::default);
+        let options = security
+            .namespace_options
+            .get_or_insert_with(Default::default);
+        options.pid = NamespaceMode::Pod as i32;
+        pod
+    }
+
     /// Sandbox sysctls on a pod config.
     pub fn with_sysctls(mut pod: PodSandboxConfig, sysctls: &[(&str, &str)]) -> PodSandboxConfig {
         let linux = pod.linux.get_or_insert_with(Default::default);

@@ -505,14 +505,15 @@ fn the_pods_cgroup_holds_its_cost_and_pod_sandbox_stats_reports_it() {
 }
 
 /// A pod's namespaced sysctls (here `net.ipv4.ip_unprivileged_port_start`, which Kubernetes
-/// allows by default) apply to its containers.
+/// allows by default) apply to its containers; with `shareProcessNamespace` its container
+/// sees the sandbox (pause) container's process as PID 1, and its own among the others.
 #[test]
-fn sandbox_sysctls_reach_the_pods_containers() {
+fn sandbox_sysctls_and_the_shared_pid_namespace_reach_the_pods_containers() {
     let cri = Cri::start();
-    let pod = Cri::with_sysctls(
+    let pod = Cri::with_shared_pid_namespace(Cri::with_sysctls(
         cri.pod_config("sysctls"),
         &[("net.ipv4.ip_unprivileged_port_start", "80")],
-    );
+    ));
     let pod_id = cri.run_pod(&pod);
     let main = cri.container_config("main", 0, &["sleep", "100000"]);
     let id = cri.start_container(&pod_id, &pod, main);
@@ -522,6 +523,17 @@ fn sandbox_sysctls_reach_the_pods_containers() {
             &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"]
         ),
         "80\n"
+    );
+    // The pause image's command is `sleep 2147483647`; the container's own is `sleep 100000`.
+    assert_eq!(
+        cri.exec_ok(&id, &["cat", "/proc/1/cmdline"]),
+        "sleep\x002147483647\x00",
+        "PID 1 of the shared namespace is the sandbox container's process"
+    );
+    let cmdlines = cri.exec_ok(&id, &["sh", "-c", "cat /proc/[0-9]*/cmdline"]);
+    assert!(
+        cmdlines.contains("sleep\x00100000\x00"),
+        "the container's own process in the shared namespace: {cmdlines:?}"
     );
     cri.remove_pod(&pod_id);
     cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);

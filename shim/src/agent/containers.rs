@@ -131,11 +131,25 @@ impl AgentClient {
         oci_spec_json: Vec<u8>,
         stdio: StdioConfig,
     ) -> Result<u32, AgentError> {
+        self.create_container_joining(container_id, oci_spec_json, stdio, "")
+            .await
+    }
+
+    /// `Agent.CreateContainer` of a container that joins the PID namespace of the live
+    /// container `pid_namespace_of` (empty: a namespace of its own). Returns the init pid.
+    pub async fn create_container_joining(
+        &self,
+        container_id: &str,
+        oci_spec_json: Vec<u8>,
+        stdio: StdioConfig,
+        pid_namespace_of: &str,
+    ) -> Result<u32, AgentError> {
         const METHOD: &str = "Agent.CreateContainer";
         let req = CreateContainerRequest {
             container_id: container_id.to_owned(),
             oci_spec_json,
             stdio: Some(stdio).into(),
+            pid_namespace_of: pid_namespace_of.to_owned(),
             ..Default::default()
         };
         let reply = self
@@ -179,17 +193,20 @@ impl AgentClient {
         check_pid(METHOD, reply.pid)
     }
 
-    /// `Agent.SignalProcess` (`exec_id` empty: the init process).
+    /// `Agent.SignalProcess` (`exec_id` empty: the init process; `all`: every process in the
+    /// container's cgroup, exec_id empty).
     pub async fn signal_process(
         &self,
         container_id: &str,
         exec_id: &str,
         signal: i32,
+        all: bool,
     ) -> Result<(), AgentError> {
         let req = SignalProcessRequest {
             container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             signal: signal.unsigned_abs(),
+            all,
             ..Default::default()
         };
         self.call("Agent.SignalProcess", |ctx| {

@@ -19,10 +19,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
     CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec, KeyValue,
-    LinuxPodSandboxConfig, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxStats, PodSandboxStatsRequest, PodSandboxStatus,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StatusRequest, StopPodSandboxRequest,
+    LinuxPodSandboxConfig, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStats, PodSandboxStatsRequest,
+    PodSandboxStatus, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StatusRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -449,14 +449,19 @@ impl Cri {
         }
     }
 
+    /// The pod's namespace options (`linux.security_context.namespace_options`), made if absent.
+    fn namespace_options(pod: &mut PodSandboxConfig) -> &mut NamespaceOption {
+        pod.linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default)
+            .namespace_options
+            .get_or_insert_with(Default::default)
+    }
+
     /// `hostNetwork: true` on a pod config.
     pub fn with_host_network(mut pod: PodSandboxConfig) -> PodSandboxConfig {
-        let linux = pod.linux.get_or_insert_with(Default::default);
-        let security = linux.security_context.get_or_insert_with(Default::default);
-        let options = security
-            .namespace_options
-            .get_or_insert_with(Default::default);
-        options.network = NamespaceMode::Node as i32;
+        Self::namespace_options(&mut pod).network = NamespaceMode::Node as i32;
         // A kubelet sets no hostname for a hostNetwork pod: it has the node's (runc refuses a
         // hostname without a UTS namespace of the pod's own).
         pod.hostname.clear();
@@ -466,12 +471,7 @@ impl Cri {
     /// `shareProcessNamespace: true` on a pod config: its containers join the sandbox
     /// container's PID namespace.
     pub fn with_shared_pid_namespace(mut pod: PodSandboxConfig) -> PodSandboxConfig {
-        let linux = pod.linux.get_or_insert_with(Default::default);
-        let security = linux.security_context.get_or_insert_with(Default::default);
-        let options = security
-            .namespace_options
-            .get_or_insert_with(Default::default);
-        options.pid = NamespaceMode::Pod as i32;
+        Self::namespace_options(&mut pod).pid = NamespaceMode::Pod as i32;
         pod
     }
 

@@ -146,9 +146,11 @@ fn signal_cgroup(id: &str, sig: Signal) -> Result<()> {
     .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
     let paused = cgroup::frozen(id);
     if !paused {
-        manager
-            .freeze(FreezerState::Frozen)
-            .map_err(|e| ContainerError::Cgroup(e.to_string()))?;
+        // A cgroup that does not settle frozen (libcgroups waits 10 s) is signalled anyway, as
+        // runc does, and thawed below whatever state the freeze left it in.
+        if let Err(e) = manager.freeze(FreezerState::Frozen) {
+            warn!(container = %id, error = %e, "cannot freeze the cgroup to signal it");
+        }
     }
     let signalled = manager
         .get_all_pids()

@@ -334,7 +334,7 @@ impl Sandbox {
                 Ok(sandbox)
             }
             Err(e) => {
-                if let Some(cgroup) = cgroup {
+                if let Some(cgroup) = &cgroup {
                     remove_cgroup(cgroup).await;
                 }
                 Err(e)
@@ -637,16 +637,16 @@ impl Sandbox {
         }
         if let Some(cgroup) = &self.cgroup {
             // Its processes are reaped: the cgroups this pod made can go.
-            let created = cgroup.created().to_vec();
-            let _ = tokio::task::spawn_blocking(move || crate::cgroup::remove_dirs(&created)).await;
+            remove_cgroup(cgroup).await;
         }
         remove_dir(&self.dir);
     }
 }
 
 /// Removes a pod's cgroup off the runtime's threads (it may wait for the cgroup to empty).
-async fn remove_cgroup(cgroup: PodCgroup) {
-    let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+async fn remove_cgroup(cgroup: &PodCgroup) {
+    let created = cgroup.created().to_vec();
+    let _ = tokio::task::spawn_blocking(move || crate::cgroup::remove_dirs(&created)).await;
 }
 
 /// Removes the tc redirect from the pod's network namespace (off the runtime's threads).

@@ -7,7 +7,7 @@
 //!
 //! The lists are what each thread does after setup, and no more: no `open`, `exec`, `clone`,
 //! `mount`, `ptrace` or `kill` of another process anywhere; `ioctl` only by request number (the
-//! vCPU thread's KVM calls, the event loop's `FIONBIO`); no executable memory (`mmap` and
+//! vCPU thread's KVM calls, the event loop's `FIONBIO` and `TUNSETOFFLOAD`); no executable memory (`mmap` and
 //! `mprotect` with `PROT_EXEC` are refused). Signals go only to husk-vmm's own threads (the
 //! vCPU kick, `abort`). A syscall outside a list ([`SeccompMode::Kill`]) traps into a handler
 //! that writes the thread kind and syscall number to the VMM's log and then lets the process
@@ -88,6 +88,8 @@ pub const KVM_TRANSLATE: u64 = ioc(
 );
 /// `FIONBIO` (what `set_nonblocking` uses).
 const FIONBIO: u64 = 0x5421;
+/// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)` (linux/if_tun.h).
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
 fn arg_eq(index: u8, value: u64) -> Result<SeccompCondition, SeccompError> {
     Ok(SeccompCondition::new(
@@ -207,9 +209,13 @@ fn rules(kind: ThreadKind, pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, 
                 libc::SYS_socket,
                 vec![SeccompRule::new(vec![arg_eq(0, libc::AF_UNIX as u64)?])?],
             );
+            // FIONBIO, and the net device's tap offloads, which follow the driver's features.
             rules.insert(
                 libc::SYS_ioctl,
-                vec![SeccompRule::new(vec![arg_eq(1, FIONBIO)?])?],
+                vec![
+                    SeccompRule::new(vec![arg_eq(1, FIONBIO)?])?,
+                    SeccompRule::new(vec![arg_eq(1, TUNSETOFFLOAD)?])?,
+                ],
             );
         }
         ThreadKind::Waiter => {
@@ -391,6 +397,9 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+        #[allow(clippy::unnecessary_cast)] // a c_int on musl, a c_ulong on glibc
+        let tunsetoffload = libc::TUNSETOFFLOAD as u64;
+        assert_eq!(TUNSETOFFLOAD, tunsetoffload);
     }
 
     #[test]

@@ -49,6 +49,11 @@ fn node_ip() -> String {
 /// The body of `GET /` from `ip:port`, from this (the host's) network namespace, retried
 /// until `timeout` (the server may still be starting).
 fn http_get(ip: &str, port: u16, timeout: Duration) -> String {
+    http_get_path(ip, port, "/", timeout)
+}
+
+/// [`http_get`] of `path`.
+fn http_get_path(ip: &str, port: u16, path: &str, timeout: Duration) -> String {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("address");
     let deadline = std::time::Instant::now() + timeout;
@@ -57,7 +62,7 @@ fn http_get(ip: &str, port: u16, timeout: Duration) -> String {
         let attempt = (|| -> std::io::Result<String> {
             let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
             let mut reply = String::new();
             stream.read_to_string(&mut reply)?;
             Ok(reply)
@@ -71,7 +76,7 @@ fn http_get(ip: &str, port: u16, timeout: Duration) -> String {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("GET http://{addr}/ from the host failed for {timeout:?}: {last}");
+    panic!("GET http://{addr}{path} from the host failed for {timeout:?}: {last}");
 }
 
 /// A pod serves on the IP CRI reports: from the host, through CNI's bridge, and from a
@@ -96,7 +101,7 @@ fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
             "sh",
             "-c",
             "mkdir -p /www && echo hello-from-$(hostname) > /www/index.html \
-             && exec httpd -f -p 8080 -h /www",
+             && seq 1 600000 > /www/big && exec httpd -f -p 8080 -h /www",
         ],
     );
     let server_id = cri.start_container(&web_id, &web, server);
@@ -104,6 +109,17 @@ fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
         http_get(&ip, 8080, Duration::from_secs(60)),
         "hello-from-web\n",
         "host → pod"
+    );
+    // A 4.4 MB body crosses in 64 KiB TCP segments where the device offers TSO: every byte
+    // must arrive, in order.
+    let big = http_get_path(&ip, 8080, "/big", Duration::from_secs(60));
+    let want: String = (1..=600_000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        big == want,
+        "host ← pod: /big arrived as {} bytes, not the {} sent (first difference at byte {:?})",
+        big.len(),
+        want.len(),
+        big.bytes().zip(want.bytes()).position(|(a, b)| a != b)
     );
     assert_eq!(
         http_get(&node_ip(), HOST_PORT, Duration::from_secs(30)),
@@ -135,6 +151,15 @@ fn a_pod_answers_on_its_ip_from_the_host_and_from_a_second_pod() {
         ),
         "hello-from-web\n",
         "pod → pod"
+    );
+    let md5 = |id: &str, cmd: &str| cri.exec_ok(id, &["sh", "-c", cmd]);
+    assert_eq!(
+        md5(
+            &client_container,
+            &format!("wget -qO- http://{ip}:8080/big | md5sum")
+        ),
+        md5(&server_id, "md5sum < /www/big"),
+        "pod → pod: the 4.4 MB body"
     );
 
     cri.remove_pod(&client_id);

@@ -6,7 +6,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -50,6 +55,10 @@ pub struct NetDevice {
     rx_frame: Vec<u8>,
     rx_len: usize,
     tx_frame: Vec<u8>,
+    /// Offloads (`TUN_F_*`) the tap should apply to what it hands us, set on the event-loop
+    /// thread by [`Self::sync_offload`] (activation runs on a vCPU thread, whose seccomp filter
+    /// has no tap ioctl); `None` once applied.
+    offload_pending: Option<u32>,
     /// Whether the event loop watches the tap for frames (not while one waits for a buffer).
     tap_watched: bool,
     /// The tap reported an error or hang-up (its interface is gone): no more frames.
@@ -85,6 +94,7 @@ impl NetDevice {
             rx_frame: vec![0; TAP_BUF_SIZE],
             rx_len: 0,
             tx_frame: vec![0; TAP_BUF_SIZE],
+            offload_pending: None,
             tap_watched: false,
             tap_gone: false,
             tap_removed: false,
@@ -109,7 +119,7 @@ impl NetDevice {
                 break;
             };
             let head = chain.head_index();
-            match read_tx_chain(&active.mem, chain, &mut self.tx_frame) {
+            match read_tx_chain(&active.mem, chain, &mut self.tx_frame, self.acked_features) {
                 Ok(len) => match self.tap.write(&self.tx_frame[..len]) {
                     Ok(_) => self.counters.tx_frames += 1,
                     Err(e) => {
@@ -153,7 +163,9 @@ impl NetDevice {
             };
             let head = chain.head_index();
             let frame = &self.rx_frame[..self.rx_len];
-            let written = match write_rx_chain(&active.mem, chain, frame) {
+            let written = match check_rx_header(frame, self.acked_features)
+                .and_then(|()| write_rx_chain(&active.mem, chain, frame))
+            {
                 Ok(()) => {
                     self.counters.rx_frames += 1;
                     frame.len() as u32
@@ -209,6 +221,27 @@ impl NetDevice {
         false
     }
 
+    /// Applies a pending change of the tap's offloads (`TUNSETOFFLOAD`), if any. A tap that
+    /// refuses keeps handing over plain frames, which every driver takes: the caller logs it.
+    pub fn sync_offload(&mut self) -> std::io::Result<()> {
+        let Some(flags) = self.offload_pending.take() else {
+            return Ok(());
+        };
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+        let rc = unsafe {
+            libc::ioctl(
+                self.tap.as_raw_fd(),
+                libc::TUNSETOFFLOAD as _,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        tracing::debug!(flags, "net: tap offloads set");
+        Ok(())
+    }
+
     /// Whether the event loop should watch the tap: not while a frame waits for a buffer (the
     /// rx notification resumes), not once the tap is gone.
     fn wants_tap(&self) -> bool {
@@ -251,20 +284,109 @@ impl NetDevice {
             return "net: not activated".into();
         };
         format!(
-            "net:{} frame_waiting={} tap_gone={} {:?}",
+            "net:{} frame_waiting={} tap_gone={} features={:#x} {:?}",
             active.state(&["rx", "tx"]),
             self.rx_len,
             self.tap_gone,
+            self.acked_features,
             self.counters
         )
     }
 }
 
-/// Copies one tx chain (header and frame) into `buf`; returns its length.
+/// Whether feature `bit` is among `features`.
+fn has(features: u64, bit: u32) -> bool {
+    features & (1 << bit) != 0
+}
+
+/// The tap offloads (`TUN_F_*`) that match the driver's features: what the tap may hand over
+/// is what the driver said it takes (partial checksums with `GUEST_CSUM`, TCP segments of up
+/// to 64 KiB with `GUEST_TSO4`/`GUEST_TSO6`; the tap honours TSO only with checksums).
+pub fn tap_offloads(acked: u64) -> u32 {
+    if !has(acked, VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = libc::TUN_F_CSUM;
+    if has(acked, VIRTIO_NET_F_GUEST_TSO4) {
+        flags |= libc::TUN_F_TSO4;
+    }
+    if has(acked, VIRTIO_NET_F_GUEST_TSO6) {
+        flags |= libc::TUN_F_TSO6;
+    }
+    flags
+}
+
+/// Checks the `virtio_net_hdr` of a frame the guest sends against what it negotiated: a
+/// partial checksum only with `CSUM`, TCP segmentation only of the kinds it negotiated (with a
+/// partial checksum and a segment size, as every driver sends it), no other flag or kind. The
+/// host kernel acts on this header, so the guest gets no request through it never had the
+/// right to make.
+pub fn check_tx_header(hdr: &[u8], acked: u64) -> Result<(), NetError> {
+    let flags = u32::from(hdr[0]);
+    let gso_type = u32::from(hdr[1]);
+    let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
+    if flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        return Err(NetError::BadFrame("a header flag a driver may not send"));
+    }
+    let csum = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+    if csum && !has(acked, VIRTIO_NET_F_CSUM) {
+        return Err(NetError::BadFrame(
+            "checksum offload requested, not negotiated",
+        ));
+    }
+    let tso_feature = match gso_type {
+        VIRTIO_NET_HDR_GSO_NONE => return Ok(()),
+        VIRTIO_NET_HDR_GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
+        _ => {
+            return Err(NetError::BadFrame(
+                "a segmentation kind never offered (UDP, ECN)",
+            ))
+        }
+    };
+    if !has(acked, tso_feature) {
+        return Err(NetError::BadFrame(
+            "TCP segmentation requested, not negotiated",
+        ));
+    }
+    if !csum || gso_size == 0 {
+        return Err(NetError::BadFrame(
+            "TCP segmentation without a partial checksum or a segment size",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a frame's header from the tap against what the driver takes: the tap's offloads
+/// follow the driver's features, but only once the event loop has applied them, so a frame
+/// read in between (or after a reset) must not carry a segment or checksum kind the driver
+/// never asked for.
+fn check_rx_header(frame: &[u8], acked: u64) -> Result<(), NetError> {
+    let flags = u32::from(frame[0]);
+    // ECN segments (`GSO_ECN` set) are never negotiated either way.
+    let needed = match u32::from(frame[1]) {
+        VIRTIO_NET_HDR_GSO_NONE => None,
+        VIRTIO_NET_HDR_GSO_TCPV4 => Some(VIRTIO_NET_F_GUEST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => Some(VIRTIO_NET_F_GUEST_TSO6),
+        _ => return Err(NetError::BadFrame("a segment kind the driver never took")),
+    };
+    if needed.is_some_and(|bit| !has(acked, bit))
+        || (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !has(acked, VIRTIO_NET_F_GUEST_CSUM))
+    {
+        return Err(NetError::BadFrame(
+            "an offloaded frame for a driver that did not negotiate it",
+        ));
+    }
+    Ok(())
+}
+
+/// Copies one tx chain (header and frame) into `buf` and checks its header against the
+/// features `acked`; returns its length.
 fn read_tx_chain(
     mem: &GuestMemory,
     chain: virtio_queue::DescriptorChain<&GuestMemory>,
     buf: &mut [u8],
+    acked: u64,
 ) -> Result<usize, NetError> {
     let mut reader = Reader::new(mem, chain).map_err(NetError::DescriptorChain)?;
     let len = reader.available_bytes();
@@ -279,13 +401,7 @@ fn read_tx_chain(
     reader
         .read_exact(&mut buf[..len])
         .map_err(NetError::GuestMemory)?;
-    // No offload was negotiated, so the header must ask for none: the host kernel would
-    // otherwise act on checksum and segmentation requests the guest has no right to make.
-    if buf[..NUM_BUFFERS_OFFSET].iter().any(|&b| b != 0) {
-        return Err(NetError::BadFrame(
-            "checksum or segmentation offload requested, none negotiated",
-        ));
-    }
+    check_tx_header(&buf[..NET_HDR_SIZE], acked)?;
     Ok(len)
 }
 
@@ -315,7 +431,19 @@ impl VirtioDevice for NetDevice {
     }
 
     fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU)
+        [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+        ]
+        .iter()
+        .fold(0, |features, bit| features | (1 << bit))
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -349,13 +477,15 @@ impl VirtioDevice for NetDevice {
             return Err(ActivateError::AlreadyActive);
         }
         self.active = Some(ActiveQueues::new(mem, queues, interrupt, NUM_QUEUES)?);
-        tracing::debug!("net device activated");
+        self.offload_pending = Some(tap_offloads(self.acked_features));
+        tracing::debug!(features = self.acked_features, "net device activated");
         Ok(())
     }
 
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        self.offload_pending = Some(0);
         if self.rx_len != 0 {
             self.rx_len = 0;
             self.counters.rx_dropped += 1;
@@ -391,6 +521,9 @@ impl Subscriber for NetHandler {
             // A tap whose interface was deleted (the pod's network namespace went away).
             dev.tap_gone = true;
             tracing::warn!("net: the tap's interface is gone; the guest's link is down");
+        }
+        if let Err(e) = dev.sync_offload() {
+            tracing::warn!(error = %e, "net: the tap refused its offloads; the guest gets plain frames");
         }
         dev.process_tx();
         dev.process_rx();

@@ -47,15 +47,26 @@ fn memory() -> GuestMemory {
     mem
 }
 
+/// The features a driver without offloads acks (version 1, MAC, MTU).
+const PLAIN: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU);
+
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemory, tap: OwnedFd, host: OwnedFd) -> Self {
+        let acked = NetDevice::new(seqpacket_pair().0, MAC, 1500)
+            .unwrap()
+            .avail_features();
+        Self::acking(mem, tap, host, acked)
+    }
+
+    /// A device whose driver acked `acked`.
+    fn acking(mem: &'a GuestMemory, tap: OwnedFd, host: OwnedFd, acked: u64) -> Self {
         let mut dev = NetDevice::new(tap, MAC, 1500).unwrap();
         let rx = GuestQueue::new(mem, RX_RING, RX_REGION, true);
         let tx = GuestQueue::new(mem, TX_RING, TX_REGION, false);
         let interrupt = Arc::new(VirtioInterrupt::new(
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         ));
-        dev.set_acked_features(dev.avail_features());
+        dev.set_acked_features(acked);
         dev.activate(
             mem.clone(),
             vec![rx.device_queue(false), tx.device_queue(false)],
@@ -241,8 +252,8 @@ fn a_small_rx_buffer_gets_nothing_written() {
 }
 
 /// A hostile driver's tx chains: shorter than a header plus an Ethernet header, longer than the
-/// largest frame, or asking for checksum/segmentation offload that was never negotiated. None
-/// reaches the tap; every buffer is returned.
+/// largest frame, or asking for TCP segmentation without a segment size. None reaches the
+/// tap; every buffer is returned.
 #[test]
 fn bad_tx_chains_never_reach_the_tap() {
     let mem = memory();
@@ -299,10 +310,162 @@ fn config_space_has_the_mac_and_mtu() {
     let mut tail = [0xffu8; 4];
     dev.read_config(10, &mut tail);
     assert_eq!(tail, [0x78, 0x05, 0, 0], "past the end reads as zero");
+    let offloads = [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+    ];
     assert_eq!(
         dev.avail_features(),
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MTU)
+        offloads.iter().fold(PLAIN, |f, bit| f | (1 << bit)),
+        "checksum and TCP segmentation both ways; no UFO, ECN, mergeable buffers or control queue"
     );
+}
+
+/// A `virtio_net_hdr` with these flags, segment kind and segment size (checksum at 34+16,
+/// a TCP header after an IPv4 one).
+fn header(flags: u8, gso_type: u8, gso_size: u16) -> [u8; NET_HDR_SIZE] {
+    let mut h = [0u8; NET_HDR_SIZE];
+    h[0] = flags;
+    h[1] = gso_type;
+    h[2..4].copy_from_slice(&66u16.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&34u16.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    h
+}
+
+/// What a driver may ask of the host kernel through a tx header is what it negotiated: a
+/// partial checksum needs `CSUM`, a TCPv4/v6 segment `HOST_TSO4`/`HOST_TSO6` plus a partial
+/// checksum and a segment size; UDP and ECN segments and the receive-only flags never pass.
+#[test]
+fn tx_headers_ask_only_for_the_offloads_negotiated() {
+    let bit = |b: u32| 1u64 << b;
+    let all = NetDevice::new(seqpacket_pair().0, MAC, 1500)
+        .unwrap()
+        .avail_features();
+    let csum = PLAIN | bit(VIRTIO_NET_F_CSUM);
+    let tso4 = csum | bit(VIRTIO_NET_F_HOST_TSO4);
+    let cases: [(&str, [u8; NET_HDR_SIZE], u64, bool); 14] = [
+        ("plain frame, plain driver", header(0, 0, 0), PLAIN, true),
+        (
+            "partial checksum, plain driver",
+            header(1, 0, 0),
+            PLAIN,
+            false,
+        ),
+        ("partial checksum with CSUM", header(1, 0, 0), csum, true),
+        ("TSO4 without HOST_TSO4", header(1, 1, 1448), csum, false),
+        ("TSO4 with HOST_TSO4", header(1, 1, 1448), tso4, true),
+        ("TSO6 with only HOST_TSO4", header(1, 4, 1428), tso4, false),
+        ("TSO6 with everything", header(1, 4, 1428), all, true),
+        (
+            "TSO4 without a partial checksum",
+            header(0, 1, 1448),
+            all,
+            false,
+        ),
+        ("TSO4 without a segment size", header(1, 1, 0), all, false),
+        ("UDP fragmentation offload", header(1, 3, 1472), all, false),
+        ("UDP segmentation offload", header(1, 5, 1472), all, false),
+        ("TSO4 with ECN", header(1, 0x81, 1448), all, false),
+        ("DATA_VALID from a driver", header(2, 0, 0), all, false),
+        ("an unknown flag", header(0x80, 0, 0), all, false),
+    ];
+    for (what, hdr, acked, ok) in cases {
+        assert_eq!(
+            check_tx_header(&hdr, acked).is_ok(),
+            ok,
+            "{what}: {:?}",
+            check_tx_header(&hdr, acked)
+        );
+    }
+}
+
+/// The tap is told to hand over what the driver takes, and no more.
+#[test]
+fn the_taps_offloads_follow_the_drivers_features() {
+    let bit = |b: u32| 1u64 << b;
+    assert_eq!(tap_offloads(PLAIN), 0);
+    assert_eq!(
+        tap_offloads(PLAIN | bit(VIRTIO_NET_F_GUEST_TSO4)),
+        0,
+        "no segments without checksum offload"
+    );
+    assert_eq!(
+        tap_offloads(PLAIN | bit(VIRTIO_NET_F_GUEST_CSUM)),
+        libc::TUN_F_CSUM
+    );
+    assert_eq!(
+        tap_offloads(
+            PLAIN
+                | bit(VIRTIO_NET_F_GUEST_CSUM)
+                | bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_GUEST_TSO6)
+                | bit(VIRTIO_NET_F_HOST_TSO4)
+        ),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+    );
+}
+
+/// A 64 KiB TCP segment with a partial checksum crosses byte-exact both ways for a driver that
+/// negotiated TSO; for a driver that did not, the same frames are dropped either way (the
+/// host kernel would otherwise segment and checksum at the guest's request, and the guest
+/// would get a frame larger than it posted buffers for).
+#[test]
+fn tcp_segments_cross_only_for_a_driver_that_negotiated_them() {
+    let mem = memory();
+    let mut tso = header(1, 1, 1448).to_vec();
+    tso.extend((0..65_000usize).map(|i| (i % 251) as u8));
+    let mut rx_tso = tso.clone();
+    rx_tso[NUM_BUFFERS_OFFSET..NET_HDR_SIZE].copy_from_slice(&[0x55, 0x55]);
+    for (acked, crosses) in [(None, true), (Some(PLAIN), false)] {
+        let (tap, host) = seqpacket_pair();
+        let mut rig = match acked {
+            None => Rig::new(&mem, tap, host),
+            Some(acked) => Rig::acking(&mem, tap, host, acked),
+        };
+        let (first, rest) = tso.split_at(0x8000);
+        mem.write_slice(first, GuestAddress(TX_REGION + 0x10_0000))
+            .unwrap();
+        mem.write_slice(rest, GuestAddress(TX_REGION + 0x11_0000))
+            .unwrap();
+        rig.tx.post(
+            0,
+            vec![
+                (TX_REGION + 0x10_0000, first.len() as u32),
+                (TX_REGION + 0x11_0000, rest.len() as u32),
+            ],
+        );
+        rig.dev.process_tx();
+        let sent = rig.host_recv_all();
+        rig.rx.post(
+            0,
+            vec![
+                (RX_REGION + 0x20_0000, 0x1_0000),
+                (RX_REGION + 0x21_0000, 0x1_0000),
+            ],
+        );
+        rig.host_send(&rx_tso);
+        rig.dev.process_rx();
+        let (_, segs, len) = rig.rx.pop_used().expect("the rx buffer comes back");
+        if crosses {
+            assert_eq!(
+                sent,
+                vec![tso.clone()],
+                "the guest's segment reaches the tap"
+            );
+            assert_eq!(gather(&mem, &segs, len as usize), as_guest_sees(&rx_tso));
+        } else {
+            assert!(sent.is_empty(), "a segment the driver never negotiated");
+            assert_eq!(len, 0, "a segment the driver never took");
+            let c = rig.dev.counters();
+            assert_eq!((c.tx_dropped, c.rx_dropped), (1, 1));
+        }
+    }
 }
 
 /// Opens a tap named `name` in the calling thread's network namespace the way the shim hands
@@ -385,7 +548,8 @@ fn configure(name: &str, addr: [u8; 4]) {
     }
 }
 
-/// On a real tap, answered by the host kernel: the guest sends an ARP request for the tap's
+/// On a real tap, answered by the host kernel, after the tap took the driver's offloads: the
+/// guest sends an ARP request for the tap's
 /// address and receives the kernel's ARP reply, addressed to its MAC. Runs in a network
 /// namespace of its own (needs root, as every test host here has; without it the test fails,
 /// loudly).
@@ -399,6 +563,11 @@ fn the_host_kernel_answers_the_guests_arp_through_a_real_tap() {
         let mem = memory();
         let (_, unused) = seqpacket_pair();
         let mut rig = Rig::new(&mem, tap, unused);
+        // The driver took every offload: the real tap must take them too (TUNSETOFFLOAD with
+        // checksums and TCP segments both families).
+        rig.dev
+            .sync_offload()
+            .expect("the tap takes the offloads the driver negotiated");
         let mut rng = Rng(17);
         for slot in 0..8 {
             rig.post_rx(slot, 2048, &mut rng);

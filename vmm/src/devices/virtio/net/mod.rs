@@ -9,13 +9,18 @@
 //! * [`device::NetDevice`] owns the two virtqueues (rx 0, tx 1) and runs on the event-loop
 //!   thread: a tx notification moves the guest's frames to the tap; a readable tap (or an rx
 //!   notification after the guest ran out of buffers) moves frames from the tap to the guest;
-//! * no offloads are offered yet (no checksum or segmentation features, no mergeable rx
-//!   buffers): the guest sends full frames with a zero header, and posts rx buffers large enough
-//!   for one frame of its MTU.
+//! * checksum and TCP segmentation offloads both ways (`CSUM`, `GUEST_CSUM`, `HOST_TSO4/6`,
+//!   `GUEST_TSO4/6`), as Firecracker offers them: the guest's TCP sends up to 64 KiB segments
+//!   with a partial checksum and the host kernel's tap finishes them, and the tap hands the
+//!   guest whole segments (`TUNSETOFFLOAD`, set from the driver's features on the event-loop
+//!   thread); a driver that takes segments posts 64 KiB rx buffers. No UDP or ECN offloads and
+//!   no mergeable rx buffers: a frame always takes one buffer.
 //!
 //! What the guest controls is checked: a tx chain shorter than the header or longer than the
-//! largest frame is dropped (and its buffer returned), an rx chain too small for the frame waiting
-//! gets the frame dropped, never truncated or written past.
+//! largest frame, or whose header asks for an offload the driver did not negotiate, is dropped
+//! (and its buffer returned), and the host kernel checks the rest of a segment's header as it
+//! does for QEMU's and Firecracker's taps; an rx chain too small for the frame waiting gets the
+//! frame dropped, never truncated or written past.
 
 pub mod device;
 

@@ -17,16 +17,19 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, DnsConfig, ExecSyncRequest, ExecSyncResponse, ImageSpec, KeyValue,
-    LinuxPodSandboxConfig, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxStats, PodSandboxStatsRequest,
-    PodSandboxStatus, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StatusRequest, StopPodSandboxRequest,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus,
+    ContainerStatusRequest, CreateContainerRequest, DnsConfig, ExecRequest, ExecSyncRequest,
+    ExecSyncResponse, ImageSpec, KeyValue, LinuxPodSandboxConfig, ListPodSandboxRequest, Mount,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStats,
+    PodSandboxStatsRequest, PodSandboxStatus, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use husk_integration::containerd::{Containerd, Runtime, IMAGE};
+
+use crate::stream::Stream;
 
 /// How long the CRI plugin may take to say its runtime and network are ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -303,6 +306,39 @@ impl Cri {
             "ExecSync",
             |mut c| async move { c.exec_sync(request).await },
         )
+    }
+
+    /// Exec (streaming) of `cmd` in the container, its session opened on containerd's
+    /// streaming server: stdout always; stdin if asked; stderr apart unless on a terminal
+    /// (CRI refuses both).
+    pub fn exec(&self, id: &str, cmd: &[&str], stdin: bool, tty: bool) -> Stream {
+        let request = ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|a| a.to_string()).collect(),
+            tty,
+            stdin,
+            stdout: true,
+            stderr: !tty,
+        };
+        let url = self
+            .call("Exec", |mut c| async move { c.exec(request).await })
+            .url;
+        Stream::connect(&url)
+    }
+
+    /// Attach (streaming) to the container's own stdio, as `kubectl attach` does.
+    pub fn attach(&self, id: &str, stdin: bool, tty: bool) -> Stream {
+        let request = AttachRequest {
+            container_id: id.into(),
+            stdin,
+            tty,
+            stdout: true,
+            stderr: !tty,
+        };
+        let url = self
+            .call("Attach", |mut c| async move { c.attach(request).await })
+            .url;
+        Stream::connect(&url)
     }
 
     /// ExecSync that must exit 0 with nothing on stderr; returns its stdout.

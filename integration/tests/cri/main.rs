@@ -7,6 +7,7 @@
 //! interfaces).
 
 mod client;
+mod stream;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -239,6 +240,101 @@ fn a_pod_execs_logs_and_resolves_as_a_kubelet_expects() {
     assert_eq!(
         cri.log_lines(&pod, &wd),
         vec![("stdout".to_string(), "/created/by/the/runtime".to_string())]
+    );
+
+    cri.remove_pod(&pod_id);
+    cri.containerd().assert_no_leftovers(CLEANUP_TIMEOUT);
+}
+
+/// `kubectl exec` and `kubectl attach`: CRI's Exec and Attach return a URL on containerd's
+/// streaming server, and the session runs over it (the websocket remote-command protocol):
+/// an exec's stdin reaches the process, its stdout and stderr come back apart and its exit code
+/// in the final status; a terminal exec takes a resize and its shell sees the new size; an
+/// attach writes to the container's own stdin and reads its output, which also lands in the
+/// container's CRI log.
+#[test]
+fn streaming_exec_and_attach_reach_the_container_as_kubectl_does() {
+    const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+    let cri = Cri::start();
+    let pod = cri.pod_config("shell");
+    let pod_id = cri.run_pod(&pod);
+    let mut config = cri.container_config(
+        "echo",
+        0,
+        &[
+            "sh",
+            "-c",
+            "while read line; do echo \"out:$line\"; echo \"err:$line\" >&2; done",
+        ],
+    );
+    config.stdin = true;
+    let id = cri.start_container(&pod_id, &pod, config.clone());
+
+    // An exec with stdin, stdout and stderr, exiting non-zero.
+    let mut exec = cri.exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "read x; echo \"out:$x\"; echo \"err:$x\" >&2; exit 7",
+        ],
+        true,
+        false,
+    );
+    exec.stdin(b"hello\n");
+    let out = exec.finish(STREAM_TIMEOUT);
+    assert_eq!(
+        (out.stdout(), out.stderr(), out.exit_code()),
+        ("out:hello\n".into(), "err:hello\n".into(), Some(7)),
+        "a streaming exec's stdout, stderr and exit code: {out:?}"
+    );
+    let out = cri
+        .exec(&id, &["true"], false, false)
+        .finish(STREAM_TIMEOUT);
+    assert_eq!(
+        out.exit_code(),
+        Some(0),
+        "a streaming exec of true: {out:?}"
+    );
+
+    // A terminal exec: the shell sees the size the client sets, and its `exit` is the code.
+    let mut shell = cri.exec(&id, &["sh"], true, true);
+    shell.resize(123, 45);
+    let deadline = std::time::Instant::now() + STREAM_TIMEOUT;
+    let sized = |o: &stream::Output| o.stdout().contains("45 123");
+    loop {
+        // The resize and stdin travel apart, so ask until the size has arrived.
+        shell.stdin(b"stty size\n");
+        if shell.try_wait_for(Duration::from_secs(2), sized).is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the terminal's size never became 45 rows, 123 columns: {:?}",
+            shell.output().stdout()
+        );
+    }
+    shell.stdin(b"exit 5\n");
+    let out = shell.finish(STREAM_TIMEOUT);
+    assert_eq!(out.exit_code(), Some(5), "a terminal exec's exit: {out:?}");
+
+    // Attach to the container's own stdio.
+    let mut attach = cri.attach(&id, true, false);
+    attach.stdin(b"ping\n");
+    attach.wait_for(STREAM_TIMEOUT, |o| {
+        o.stdout().contains("out:ping\n") && o.stderr().contains("err:ping\n")
+    });
+    attach.close();
+    let has = |lines: &[(String, String)], stream: &str, text: &str| {
+        lines.iter().any(|(s, t)| s == stream && t == text)
+    };
+    cri.wait_log(&pod, &config, Duration::from_secs(30), |l| {
+        has(l, "stdout", "out:ping") && has(l, "stderr", "err:ping")
+    });
+    assert_eq!(
+        cri.container_status(&id).state(),
+        ContainerState::ContainerRunning,
+        "the attached container still runs after the client left"
     );
 
     cri.remove_pod(&pod_id);

@@ -15,12 +15,12 @@
 //! Runs where a KVM boots Linux (the lab here), with the component tests' environment;
 //! `BENCH_RUNS` pods per runtime (default 10).
 
-#[allow(dead_code)] // the tests' streaming client; the benchmark does not stream
-#[path = "../tests/cri/stream.rs"]
-mod stream;
 #[path = "../tests/cri/client.rs"]
 #[allow(dead_code)]
 mod client;
+#[allow(dead_code)] // the tests' streaming client; the benchmark does not stream
+#[path = "../tests/cri/stream.rs"]
+mod stream;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -7,13 +7,13 @@
 //!
 //! The lists are what each thread does after setup, and no more: no `open`, `exec`, `clone`,
 //! `mount`, `ptrace` or `kill` of another process anywhere; `ioctl` only by request number (the
-//! vCPU thread's KVM calls, the event loop's `FIONBIO` and `TUNSETOFFLOAD`); no executable memory (`mmap` and
-//! `mprotect` with `PROT_EXEC` are refused). Signals go only to husk-vmm's own threads (the
-//! vCPU kick, `abort`). A syscall outside a list ([`SeccompMode::Kill`]) traps into a handler
-//! that writes the thread kind and syscall number to the VMM's log and then lets the process
-//! die of `SIGSYS`, which the shim reports as a VMM failure; [`SeccompMode::Log`] lets it
-//! through and has the kernel log it (to find a missing entry), [`SeccompMode::Off`] installs
-//! nothing.
+//! vCPU thread's KVM calls, the event loop's `FIONBIO` and `TUNSETOFFLOAD`); no executable
+//! memory (`mmap` and `mprotect` with `PROT_EXEC` are refused). Signals go only to husk-vmm's
+//! own threads (the vCPU kick, `abort`). A syscall outside a list ([`SeccompMode::Kill`])
+//! traps into a handler that writes the thread kind and syscall number to the VMM's log and
+//! then lets the process die of `SIGSYS`, which the shim reports as a VMM failure;
+//! [`SeccompMode::Log`] lets it through and has the kernel log it (to find a missing entry),
+//! [`SeccompMode::Off`] installs nothing.
 
 use std::collections::BTreeMap;
 

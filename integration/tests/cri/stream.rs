@@ -81,12 +81,11 @@ impl Stream {
         request
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(PROTOCOL));
-        let host = ws_url
-            .trim_start_matches("ws://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let host = request
+            .uri()
+            .authority()
+            .unwrap_or_else(|| panic!("the streaming URL {url:?} names no host"))
+            .to_string();
         let tcp = TcpStream::connect(&host)
             .unwrap_or_else(|e| panic!("connect to the streaming server at {host}: {e}"));
         tcp.set_read_timeout(Some(Duration::from_secs(30)))

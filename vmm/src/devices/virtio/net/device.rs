@@ -294,6 +294,18 @@ impl NetDevice {
     }
 }
 
+/// The features the device offers: version 1, MAC, MTU, and checksum and TCP segmentation
+/// offloads both ways (no UDP or ECN offloads, no mergeable rx buffers, no control queue).
+pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_NET_F_MAC)
+    | (1 << VIRTIO_NET_F_MTU)
+    | (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6);
+
 /// Whether feature `bit` is among `features`.
 fn has(features: u64, bit: u32) -> bool {
     features & (1 << bit) != 0
@@ -431,19 +443,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn avail_features(&self) -> u64 {
-        [
-            VIRTIO_F_VERSION_1,
-            VIRTIO_NET_F_MAC,
-            VIRTIO_NET_F_MTU,
-            VIRTIO_NET_F_CSUM,
-            VIRTIO_NET_F_GUEST_CSUM,
-            VIRTIO_NET_F_HOST_TSO4,
-            VIRTIO_NET_F_HOST_TSO6,
-            VIRTIO_NET_F_GUEST_TSO4,
-            VIRTIO_NET_F_GUEST_TSO6,
-        ]
-        .iter()
-        .fold(0, |features, bit| features | (1 << bit))
+        OFFERED_FEATURES
     }
 
     fn set_acked_features(&mut self, features: u64) {

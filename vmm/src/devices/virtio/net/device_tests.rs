@@ -52,10 +52,7 @@ const PLAIN: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << V
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemory, tap: OwnedFd, host: OwnedFd) -> Self {
-        let acked = NetDevice::new(seqpacket_pair().0, MAC, 1500)
-            .unwrap()
-            .avail_features();
-        Self::acking(mem, tap, host, acked)
+        Self::acking(mem, tap, host, OFFERED_FEATURES)
     }
 
     /// A device whose driver acked `acked`.
@@ -344,9 +341,7 @@ fn header(flags: u8, gso_type: u8, gso_size: u16) -> [u8; NET_HDR_SIZE] {
 #[test]
 fn tx_headers_ask_only_for_the_offloads_negotiated() {
     let bit = |b: u32| 1u64 << b;
-    let all = NetDevice::new(seqpacket_pair().0, MAC, 1500)
-        .unwrap()
-        .avail_features();
+    let all = OFFERED_FEATURES;
     let csum = PLAIN | bit(VIRTIO_NET_F_CSUM);
     let tso4 = csum | bit(VIRTIO_NET_F_HOST_TSO4);
     let cases: [(&str, [u8; NET_HDR_SIZE], u64, bool); 14] = [
@@ -549,10 +544,9 @@ fn configure(name: &str, addr: [u8; 4]) {
 }
 
 /// On a real tap, answered by the host kernel, after the tap took the driver's offloads: the
-/// guest sends an ARP request for the tap's
-/// address and receives the kernel's ARP reply, addressed to its MAC. Runs in a network
-/// namespace of its own (needs root, as every test host here has; without it the test fails,
-/// loudly).
+/// guest sends an ARP request for the tap's address and receives the kernel's ARP reply,
+/// addressed to its MAC. Runs in a network namespace of its own (needs root, as every test
+/// host here has; without it the test fails, loudly).
 #[test]
 fn the_host_kernel_answers_the_guests_arp_through_a_real_tap() {
     std::thread::spawn(|| {

@@ -69,6 +69,18 @@ const CYCLES_EXAMPLE: &str = "container_cycles";
 const LOAD_EXAMPLE: &str = "guest_load";
 /// Limit of one lab run (the bulk test takes 2–4 min there; 300 cycles about 5).
 const RUN_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Time allowed per container cycle beyond [`RUN_TIMEOUT`]'s base: a cycle takes 0.5–1 s
+/// in the lab, so a long run is not cut off for its length (the lab's silence limit still
+/// ends a wedged one).
+const CYCLE_ALLOWANCE: Duration = Duration::from_secs(2);
+
+/// The limit of one lab run of `target`.
+fn run_timeout(target: &Target, cycles: u32) -> Duration {
+    match target {
+        Target::Example(CYCLES_EXAMPLE, _) => RUN_TIMEOUT.max(CYCLE_ALLOWANCE * cycles),
+        _ => RUN_TIMEOUT,
+    }
+}
 
 /// Runs the soak; fails if any run failed.
 pub fn run(args: &Args) -> Result<()> {
@@ -227,7 +239,7 @@ fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
         let mut env = env.clone();
         env.push((husk_integration::vm::VMM_ENV.into(), vmm.into()));
         println!("soak: run {run}/{} under {vmm}", args.runs);
-        let (outcome, output) = one_lab_run(&argv, &env, mode)?;
+        let (outcome, output) = one_lab_run(&argv, &env, mode, run_timeout(target, args.cycles))?;
         let log = logs.join(format!("run-{run}.log"));
         fs::write(&log, &output).with_context(|| format!("Cannot write {}", log.display()))?;
         let took = started.elapsed().as_secs_f64();
@@ -256,6 +268,7 @@ fn one_lab_run(
     argv: &[String],
     env: &[(String, String)],
     mode: KvmMode,
+    timeout: Duration,
 ) -> Result<(RunOutcome, String)> {
     if mode == KvmMode::Direct {
         let out = Command::new(&argv[0])
@@ -277,7 +290,7 @@ fn one_lab_run(
     }
     let mut lab = LabRun::new(argv.iter().cloned());
     lab.env = env.to_vec();
-    lab.timeout = RUN_TIMEOUT;
+    lab.timeout = timeout;
     lab.output = Output::Capture;
     // As in the suite: a run silent this long has a wedged L1 under it (an `L1 died` failure).
     // The tests' waits give up sooner, and the lab experiments finish a run or print well
@@ -370,5 +383,17 @@ mod tests {
         );
         assert!(classify_failure("WaitProcess timed out after 240s", 101).starts_with("stall"));
         assert!(classify_failure("assertion failed", 101).starts_with("test failure"));
+    }
+
+    #[test]
+    fn a_long_cycle_run_is_not_cut_off_for_its_length() {
+        let cycles = Target::Example(CYCLES_EXAMPLE, Vec::new());
+        assert_eq!(run_timeout(&cycles, 300), RUN_TIMEOUT);
+        // Session 23's 1,000 cycles took 1034 s; 2,000 need more than the base 20 min.
+        assert_eq!(run_timeout(&cycles, 2000), Duration::from_secs(4000));
+        assert_eq!(
+            run_timeout(&Target::Test(BULK_TEST.into()), 2000),
+            RUN_TIMEOUT
+        );
     }
 }

@@ -69,39 +69,37 @@ const CYCLES_EXAMPLE: &str = "container_cycles";
 const LOAD_EXAMPLE: &str = "guest_load";
 /// Limit of one lab run (the bulk test takes 2–4 min there; 300 cycles about 5).
 const RUN_TIMEOUT: Duration = Duration::from_secs(20 * 60);
-/// Time allowed per container cycle beyond [`RUN_TIMEOUT`]'s base: a cycle takes 0.5–1 s
-/// in the lab, so a long run is not cut off for its length (the lab's silence limit still
-/// ends a wedged one).
+/// Time allowed per container cycle: a cycle takes 0.5–1 s in the lab, so a long run is not
+/// cut off for its length (the lab's silence limit still ends a wedged one).
 const CYCLE_ALLOWANCE: Duration = Duration::from_secs(2);
 
-/// The limit of one lab run of `target`.
-fn run_timeout(target: &Target, cycles: u32) -> Duration {
-    match target {
-        Target::Example(CYCLES_EXAMPLE, _) => RUN_TIMEOUT.max(CYCLE_ALLOWANCE * cycles),
-        _ => RUN_TIMEOUT,
-    }
+/// The limit of one lab run of `cycles` container cycles: 2 s each, at least [`RUN_TIMEOUT`].
+fn cycles_run_timeout(cycles: u32) -> Duration {
+    RUN_TIMEOUT.max(CYCLE_ALLOWANCE * cycles)
 }
 
 /// Runs the soak; fails if any run failed.
 pub fn run(args: &Args) -> Result<()> {
     let w = args.workload.as_str();
     let outcomes = if let Some(name) = w.strip_prefix("test:") {
-        lab_soak(args, &Target::Test(name.into()))?
+        lab_soak(args, &Target::Test(name.into()), RUN_TIMEOUT)?
     } else if let Some(kind) = w.strip_prefix("guest-load:") {
         lab_soak(
             args,
             &Target::Example(LOAD_EXAMPLE, vec![("LOAD".into(), kind.into())]),
+            RUN_TIMEOUT,
         )?
     } else {
         match w {
             "vsock-stress" => vsock_stress(args)?,
-            "bulk" => lab_soak(args, &Target::Test(BULK_TEST.into()))?,
+            "bulk" => lab_soak(args, &Target::Test(BULK_TEST.into()), RUN_TIMEOUT)?,
             "container-cycles" => lab_soak(
                 args,
                 &Target::Example(
                     CYCLES_EXAMPLE,
                     vec![("CYCLES".into(), args.cycles.to_string())],
                 ),
+                cycles_run_timeout(args.cycles),
             )?,
             other => bail!(
                 "Unknown soak workload {other:?} (known: vsock-stress, bulk, container-cycles, \
@@ -181,7 +179,8 @@ enum Target {
     Example(&'static str, Vec<(String, String)>),
 }
 
-fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
+/// Runs `target` `args.runs` times in the lab, each run limited to `timeout`.
+fn lab_soak(args: &Args, target: &Target, timeout: Duration) -> Result<Vec<RunOutcome>> {
     crate::setup::ensure()?;
     let root = crate::cache::workspace_root();
     let parts = test::step("build husk-vmm (release) and the guest", test::build_parts)?;
@@ -239,7 +238,7 @@ fn lab_soak(args: &Args, target: &Target) -> Result<Vec<RunOutcome>> {
         let mut env = env.clone();
         env.push((husk_integration::vm::VMM_ENV.into(), vmm.into()));
         println!("soak: run {run}/{} under {vmm}", args.runs);
-        let (outcome, output) = one_lab_run(&argv, &env, mode, run_timeout(target, args.cycles))?;
+        let (outcome, output) = one_lab_run(&argv, &env, mode, timeout)?;
         let log = logs.join(format!("run-{run}.log"));
         fs::write(&log, &output).with_context(|| format!("Cannot write {}", log.display()))?;
         let took = started.elapsed().as_secs_f64();
@@ -387,13 +386,8 @@ mod tests {
 
     #[test]
     fn a_long_cycle_run_is_not_cut_off_for_its_length() {
-        let cycles = Target::Example(CYCLES_EXAMPLE, Vec::new());
-        assert_eq!(run_timeout(&cycles, 300), RUN_TIMEOUT);
+        assert_eq!(cycles_run_timeout(300), RUN_TIMEOUT);
         // Session 23's 1,000 cycles took 1034 s; 2,000 need more than the base 20 min.
-        assert_eq!(run_timeout(&cycles, 2000), Duration::from_secs(4000));
-        assert_eq!(
-            run_timeout(&Target::Test(BULK_TEST.into()), 2000),
-            RUN_TIMEOUT
-        );
+        assert_eq!(cycles_run_timeout(2000), Duration::from_secs(4000));
     }
 }

@@ -478,6 +478,11 @@ fn task_metrics_report_memory_and_pids_and_kill_all_reaches_them() {
 
 /// Two `ctr run --rm` at once: both tasks run at the same time (each in its own pod: its own
 /// shim and, under husk, its own VM) until the test lets them finish.
+///
+/// The exec that lets a task finish writes its own pid to `/tmp/go`, and the task ends only once
+/// that pid is gone from its `/proc`: a task that ended as soon as the file appeared would take
+/// the exec down with its pid namespace (exit 137, under runc as under husk) whenever the exec
+/// was slower to exit than the task's next look, as it once was in CI's slow lab.
 #[test]
 fn two_pods_run_in_parallel() {
     let c = Containerd::start();
@@ -489,7 +494,8 @@ fn two_pods_run_in_parallel() {
                 let c = &c;
                 s.spawn(move || {
                     let script = format!(
-                        "echo start {id}; while [ ! -e /tmp/go ]; do sleep 0.2; done; echo end {id}"
+                        "echo start {id}; while [ ! -s /tmp/go ]; do sleep 0.2; done; \
+                         while [ -e /proc/$(cat /tmp/go) ]; do sleep 0.2; done; echo end {id}"
                     );
                     c.run(&["--rm"], id, &["sh", "-c", &script])
                 })
@@ -508,7 +514,7 @@ fn two_pods_run_in_parallel() {
                 id,
                 "/bin/sh",
                 "-c",
-                ": > /tmp/go",
+                "echo $$ > /tmp/go",
             ]);
         }
         handles

@@ -23,13 +23,17 @@
 //! `/dev/null`, its stdout and stderr both arrive on our stdout (one serial line).
 //! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr; `HUSK_LAB_L1_CMDLINE` adds
 //! words to the L1 kernel's command line (`husk_lab.kvm_amd=vgif=0` sets kvm_amd's parameters);
-//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1; `HUSK_LAB_QEMU=backports` and
+//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1. `HUSK_LAB_QEMU=patched` runs the L1
+//! under Debian's QEMU 7.2 rebuilt with the lab's SVM patch (a fix and diagnostics, see
+//! `emulator`); `HUSK_LAB_QEMU=backports` and
 //! `HUSK_LAB_L1_KERNEL=backports` run the L1 under bookworm-backports' QEMU 10 and kernel 6.12
 //! (fetched into the husk cache, see `backports`). `/tmp` and `/run` in the
 //! lab are fresh tmpfs; everything else outside the shares is read-only.
 
+mod apt;
 pub mod backports;
 mod console;
+pub mod emulator;
 pub mod hold_kvm;
 mod image;
 mod monitor;
@@ -194,7 +198,7 @@ impl LabRun {
             Some(kernel) => kernel,
             None => image::find_kernel()?,
         };
-        let lab_qemu = backports::qemu()?;
+        let lab_qemu = emulator::qemu()?;
         let initramfs = image::build_initramfs(&kernel)?;
         let cwd = match &self.cwd {
             Some(dir) => dir.clone(),

@@ -49,10 +49,7 @@ pub const VIRTIOFSD_VERSION: &str = "1.14.0";
 
 /// Installs whatever is missing. Silent when everything is present.
 pub fn ensure() -> Result<()> {
-    let missing = missing_packages()?;
-    if !missing.is_empty() {
-        install_packages(&missing)?;
-    }
+    ensure_packages(APT_PACKAGES)?;
     ensure_rust_target()?;
     ensure_cni_dir()?;
     ensure_virtiofsd()
@@ -79,15 +76,24 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn missing_packages() -> Result<Vec<&'static str>> {
+/// Installs those of `packages` that are missing (loudly); silent when all are present.
+pub fn ensure_packages(packages: &[&'static str]) -> Result<()> {
+    let missing = missing_packages(packages)?;
+    if !missing.is_empty() {
+        install_packages(&missing)?;
+    }
+    Ok(())
+}
+
+fn missing_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output()
         .context("Cannot run dpkg-query (is this a Debian machine?)")?;
     // dpkg-query exits 1 when some package is unknown; the listing is still valid.
     let listing = String::from_utf8_lossy(&out.stdout);
-    Ok(APT_PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|pkg| !listing.lines().any(|l| l == format!("{pkg} installed")))

@@ -2,10 +2,9 @@
 //! L1's emulator (`HUSK_LAB_QEMU=backports`) and Linux 6.12 as the L1 kernel
 //! (`HUSK_LAB_L1_KERNEL=backports`).
 //!
-//! The packages are downloaded with a private apt configuration (its own sources list, package
-//! lists and archive directory under the husk cache) and unpacked there with `dpkg-deb -x`.
-//! The machine's apt sources and its installed packages stay as they are. Backports' QEMU 10
-//! runs on bookworm's libraries; its firmware comes from its own unpacked `qemu-system-data`.
+//! The packages are downloaded with a private apt configuration (`apt`) and unpacked under
+//! the husk cache with `dpkg-deb -x`. Backports' QEMU 10 runs on bookworm's libraries; its
+//! firmware comes from its own unpacked `qemu-system-data`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,31 +13,26 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use tracing::info;
 
+use super::apt::Apt;
+use super::emulator::LabQemu;
 use super::image::LabKernel;
 use crate::cache;
 
-/// `HUSK_LAB_QEMU=backports` runs the L1 under bookworm-backports' QEMU instead of the
-/// installed one; unset or empty: the installed `qemu-system-x86_64`.
-pub const HUSK_LAB_QEMU_ENV: &str = "HUSK_LAB_QEMU";
 /// `HUSK_LAB_L1_KERNEL=backports` boots bookworm-backports' kernel (6.12) as the L1; unset or
 /// empty: the newest installed `/boot/vmlinuz-*-amd64`.
 pub const HUSK_LAB_L1_KERNEL_ENV: &str = "HUSK_LAB_L1_KERNEL";
-/// The only value either variable takes besides empty.
+/// The only value the variable takes besides empty.
 const BACKPORTS: &str = "backports";
 const SOURCES: &str = "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
                        http://deb.debian.org/debian bookworm-backports main\n";
 
-/// The QEMU the L1 runs under: the program and the arguments it needs before the rest.
-#[derive(Debug, Clone)]
-pub struct LabQemu {
-    /// The `qemu-system-x86_64` to run.
-    pub program: PathBuf,
-    /// `-L <data dir>` for an unpacked QEMU, whose compiled-in data directory holds the
-    /// installed QEMU's firmware.
-    pub args: Vec<String>,
+/// This configuration's private apt (`<husk cache>/lab/backports`).
+fn apt() -> Result<Apt> {
+    Apt::new("backports", SOURCES)
 }
 
-/// Reads a knob: false when unset or empty, an error for a value other than `backports`.
+/// Reads the kernel knob: false when unset or empty, an error for a value other than
+/// `backports`.
 fn wants_backports(var: &str) -> Result<bool> {
     knob(var, std::env::var(var).ok())
 }
@@ -52,14 +46,8 @@ fn knob(var: &str, value: Option<String>) -> Result<bool> {
     }
 }
 
-/// The lab's QEMU, as `HUSK_LAB_QEMU` asks.
+/// bookworm-backports' QEMU (`HUSK_LAB_QEMU=backports`), unpacked with its own firmware.
 pub fn qemu() -> Result<LabQemu> {
-    if !wants_backports(HUSK_LAB_QEMU_ENV)? {
-        return Ok(LabQemu {
-            program: PathBuf::from("qemu-system-x86_64"),
-            args: Vec::new(),
-        });
-    }
     let root = unpacked(&["qemu-system-x86", "qemu-system-data"])?;
     let program = root.join("usr/bin/qemu-system-x86_64");
     let data = root.join("usr/share/qemu");
@@ -72,6 +60,7 @@ pub fn qemu() -> Result<LabQemu> {
     Ok(LabQemu {
         program,
         args: vec!["-L".into(), data.to_string_lossy().into_owned()],
+        name: "QEMU from bookworm-backports",
     })
 }
 
@@ -80,7 +69,7 @@ pub fn kernel() -> Result<Option<LabKernel>> {
     if !wants_backports(HUSK_LAB_L1_KERNEL_ENV)? {
         return Ok(None);
     }
-    let apt = Apt::new()?;
+    let apt = apt()?;
     // The metapackage names the current image package: `Depends: linux-image-6.12.N+deb12-amd64`.
     let show = apt.output(
         "apt-cache",
@@ -118,79 +107,12 @@ pub fn kernel() -> Result<Option<LabKernel>> {
     }))
 }
 
-/// A private apt configuration under the husk cache.
-struct Apt {
-    dir: PathBuf,
-}
-
-impl Apt {
-    fn new() -> Result<Self> {
-        let dir = cache::cache_dir()?.join("lab").join("backports");
-        for sub in ["lists/partial", "archives/partial", "debs"] {
-            fs::create_dir_all(dir.join(sub))?;
-        }
-        fs::write(dir.join("sources.list"), SOURCES)?;
-        let apt = Apt { dir };
-        // Once a day is enough for an experiment's package lists (apt keeps them compressed,
-        // `…_Packages.lz4`).
-        let lists_fresh = fs::read_dir(apt.dir.join("lists"))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains("_Packages"))
-            .any(|e| {
-                e.metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age.as_secs() < 24 * 3600)
-            });
-        if !lists_fresh {
-            info!(
-                "fetching bookworm-backports' package lists into {}",
-                apt.dir.display()
-            );
-            apt.output("apt-get", &["update"])?;
-        }
-        Ok(apt)
-    }
-
-    fn options(&self) -> Vec<String> {
-        let d = self.dir.display();
-        vec![
-            format!("-oDir::Etc::SourceList={d}/sources.list"),
-            "-oDir::Etc::SourceParts=/dev/null".into(),
-            format!("-oDir::State::Lists={d}/lists"),
-            format!("-oDir::Cache={d}"),
-            format!("-oDir::Cache::Archives={d}/archives"),
-            // The downloads land in a root-owned cache directory.
-            "-oAPT::Sandbox::User=root".into(),
-        ]
-    }
-
-    fn output(&self, program: &str, args: &[&str]) -> Result<String> {
-        let out = Command::new(program)
-            .args(self.options())
-            .args(args)
-            .current_dir(self.dir.join("debs"))
-            .output()
-            .with_context(|| format!("Cannot run {program}"))?;
-        if !out.status.success() {
-            bail!(
-                "{program} {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
-
 /// Downloads `packages` (their bookworm-backports versions) and unpacks them together into a
 /// directory named after their .deb files, once.
 fn unpacked(packages: &[&str]) -> Result<PathBuf> {
-    let apt = Apt::new()?;
-    let debs_dir = apt.dir.join("debs");
-    let _lock = cache::lock(&apt.dir)?;
+    let apt = apt()?;
+    let debs_dir = apt.downloads();
+    let _lock = cache::lock(apt.dir())?;
     let mut debs = Vec::new();
     for package in packages {
         let policy = apt.output("apt-cache", &["policy", package])?;
@@ -220,7 +142,7 @@ fn unpacked(packages: &[&str]) -> Result<PathBuf> {
         .unwrap_or_default()
         .to_string_lossy()
         .replace('%', "_");
-    let root = apt.dir.join("root").join(name);
+    let root = apt.dir().join("root").join(name);
     let done = root.join(".unpacked");
     if !done.exists() {
         let _ = fs::remove_dir_all(&root);
@@ -261,12 +183,12 @@ mod tests {
 
     #[test]
     fn a_knob_takes_backports_or_nothing() {
-        let var = HUSK_LAB_QEMU_ENV;
+        let var = HUSK_LAB_L1_KERNEL_ENV;
         assert!(!knob(var, None).unwrap());
         assert!(!knob(var, Some(" ".into())).unwrap());
         assert!(knob(var, Some("backports".into())).unwrap());
-        let err = knob(var, Some("10.0".into())).unwrap_err().to_string();
-        assert!(err.contains("HUSK_LAB_QEMU=\"10.0\""), "{err}");
+        let err = knob(var, Some("6.12".into())).unwrap_err().to_string();
+        assert!(err.contains("HUSK_LAB_L1_KERNEL=\"6.12\""), "{err}");
         assert!(err.contains("only value it takes is `backports`"), "{err}");
     }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tracing::info;
 
-use super::backports::LabQemu;
 use super::console::{classify, Line, LineSplitter, Marker};
+use super::emulator::LabQemu;
 use super::image::LabKernel;
 
 /// 9p mount tags the lab init knows.
@@ -386,8 +386,9 @@ pub fn launch_once(
                 let t = started.elapsed();
                 kvm_ready = Some(t);
                 info!(
-                    "lab: using an L1 Linux {} under QEMU TCG ({}, nested SVM); /dev/kvm after {:.1} s",
+                    "lab: using an L1 Linux {} under QEMU TCG ({}: {}, nested SVM); /dev/kvm after {:.1} s",
                     launch.kernel.release,
+                    launch.qemu.name,
                     launch.qemu.program.display(),
                     t.as_secs_f64()
                 );

@@ -7,7 +7,7 @@
 
 mod elf;
 mod initramfs;
-mod kernel;
+pub(crate) mod kernel;
 mod testdata;
 
 use std::path::PathBuf;

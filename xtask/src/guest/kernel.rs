@@ -107,7 +107,8 @@ fn source_version() -> Result<String> {
     Ok(v.trim().to_string())
 }
 
-fn gcc_version() -> Result<String> {
+/// The compiler's first `--version` line, part of the cache keys of what we build from source.
+pub(crate) fn gcc_version() -> Result<String> {
     let v = output_text(Command::new("gcc").arg("--version"))?;
     Ok(v.lines().next().unwrap_or_default().trim().to_string())
 }

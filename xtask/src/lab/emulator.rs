@@ -149,12 +149,7 @@ fn patched() -> Result<PathBuf> {
     .with_context(|| format!("{BINARY_PACKAGE} is not installed (run `cargo xtask setup`)"))?
     .trim()
     .to_string();
-    let gcc = output_text(Command::new("gcc").arg("--version"))?
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let gcc = crate::guest::kernel::gcc_version()?;
     let key = cache_key(&version, PATCH, &gcc);
     let root = cache::cache_dir()?.join("lab").join("qemu");
     let program = root.join(key.short()).join("qemu-system-x86_64");

@@ -22,6 +22,11 @@ fn init_logging() {
 
 fn main() {
     let launched = Instant::now();
+    // Before any thread starts (see the function). A failure leaves glibc's default, which
+    // still works: the filters then decide.
+    if let Err(e) = husk_vmm::seccomp::single_malloc_arena() {
+        eprintln!("husk-vmm: {e}");
+    }
     let args = match CliArgs::try_parse() {
         Ok(args) => args,
         Err(e) => e.exit(),

@@ -308,6 +308,26 @@ pub fn install(kind: ThreadKind, program: Option<&BpfProgram>) -> Result<(), Sec
     }
 }
 
+/// Keeps glibc's allocator from opening files on a filtered thread: call first in `main`,
+/// before any thread starts.
+///
+/// glibc gives each new thread its own malloc arena. When a free leaves enough at the top of
+/// such an arena, `shrink_heap` reads `/proc/sys/vm/overcommit_memory` once per process, with
+/// `openat`, which no filter allows: a bulk stream through the event loop killed husk-vmm that
+/// way. With one arena every thread allocates from the main one, which trims with `brk` and
+/// never reads that file. (Cloud Hypervisor allows a read-only `openat` instead; we keep the
+/// file system out of every list.) It also keeps the VMM's host memory in one heap.
+pub fn single_malloc_arena() -> std::io::Result<()> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only changes allocator parameters; M_ARENA_MAX takes a count.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+            return Err(std::io::Error::other("mallopt(M_ARENA_MAX, 1) failed"));
+        }
+    }
+    Ok(())
+}
+
 /// Installs the handler of the filters' trap: it writes which thread made which syscall to
 /// stderr (the VMM's log), then the process dies of SIGSYS. Call before any filter.
 pub fn install_sigsys_handler() -> std::io::Result<()> {
@@ -315,8 +335,10 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
-/// Offset of `si_syscall` in a SIGSYS `siginfo_t` (x86_64: after the three ints, the padding
-/// and `si_call_addr`).
+/// Offset of `si_call_addr` in a SIGSYS `siginfo_t` (x86_64: after the three ints and the
+/// padding).
+const SI_CALL_ADDR_OFFSET: usize = 16;
+/// Offset of `si_syscall` (after `si_call_addr`).
 const SI_SYSCALL_OFFSET: usize = 24;
 
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -324,21 +346,41 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // member holds the syscall number as an int at SI_SYSCALL_OFFSET.
     let nr =
         unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) };
+    // SAFETY: as above; `si_call_addr` is a pointer-sized field at SI_CALL_ADDR_OFFSET.
+    let call = unsafe {
+        std::ptr::read_unaligned(info.cast::<u8>().add(SI_CALL_ADDR_OFFSET).cast::<usize>())
+    };
     let kind = KIND.with(|k| k.get());
-    let mut msg = [0u8; 160];
+    let mut msg = [0u8; 320];
     let mut len = 0;
-    for part in [
-        "husk-vmm: seccomp: the ".as_bytes(),
-        kind.as_bytes(),
-        b" thread made syscall ",
-    ] {
+    let mut put = |msg: &mut [u8; 320], part: &[u8]| {
         msg[len..len + part.len()].copy_from_slice(part);
         len += part.len();
+    };
+    put(&mut msg, b"husk-vmm: seccomp: the ");
+    put(&mut msg, kind.as_bytes());
+    put(&mut msg, b" thread made syscall ");
+    let mut number = [0u8; 24];
+    let n = write_decimal(&mut number, i64::from(nr));
+    put(&mut msg, &number[..n]);
+    // The call site, and two anchors to place it: one in husk-vmm, one in libc.
+    let anchors: [(&[u8], usize); 3] = [
+        (b" at 0x", call),
+        (
+            b" (husk-vmm's on_sigsys at 0x",
+            on_sigsys as *const () as usize,
+        ),
+        (b", libc's write at 0x", libc::write as *const () as usize),
+    ];
+    for (label, address) in anchors {
+        put(&mut msg, label);
+        let n = write_hex(&mut number, address as u64);
+        put(&mut msg, &number[..n]);
     }
-    len += write_decimal(&mut msg[len..], i64::from(nr));
-    let tail = b", which its filter forbids; the VMM stops (SIGSYS)\n";
-    msg[len..len + tail.len()].copy_from_slice(tail);
-    len += tail.len();
+    put(
+        &mut msg,
+        b"), which its filter forbids; the VMM stops (SIGSYS)\n",
+    );
     // SAFETY: write, signal and tgkill are async-signal-safe and allowed by every filter;
     // `msg` is a live local buffer of at least `len` bytes.
     unsafe {
@@ -375,6 +417,21 @@ fn write_decimal(out: &mut [u8], value: i64) -> usize {
     let body = &digits[i..];
     out[len..len + body.len()].copy_from_slice(body);
     len + body.len()
+}
+
+/// Writes `value` in lower-case hex at the start of `out` without allocating; returns its
+/// length.
+fn write_hex(out: &mut [u8], value: u64) -> usize {
+    let digits = if value == 0 {
+        1
+    } else {
+        (64 - value.leading_zeros() as usize).div_ceil(4)
+    };
+    for (i, slot) in out[..digits].iter_mut().enumerate() {
+        let nibble = (value >> (4 * (digits - 1 - i))) & 0xf;
+        *slot = b"0123456789abcdef"[nibble as usize];
+    }
+    digits
 }
 
 /// A syscall none of the filters allows, for `--seccomp-selftest`: the test that proves a
@@ -484,6 +541,13 @@ mod tests {
         assert_eq!(&out[..n], b"-1");
         let n = write_decimal(&mut out, 0);
         assert_eq!(&out[..n], b"0");
+        for value in [0u64, 0xf, 0x10, 0x7f12_3456_789a, u64::MAX] {
+            let n = write_hex(&mut out, value);
+            assert_eq!(
+                std::str::from_utf8(&out[..n]).unwrap(),
+                format!("{value:x}")
+            );
+        }
     }
 
     /// A filter really kills: a child process installs the vCPU filter and calls a syscall

@@ -3,7 +3,7 @@
 //! By default the L1 runs under the installed, unpatched `qemu-system-x86_64` (Debian's 7.2).
 //! `HUSK_LAB_QEMU=backports` runs bookworm-backports' QEMU 10 (`backports`), and
 //! `HUSK_LAB_QEMU=patched` Debian's QEMU 7.2 rebuilt from its own source package with the lab's
-//! patch, `qemu-svm-event-injection.patch` (issue 8), which does two things:
+//! patch, `qemu-svm-event-injection.patch` (issue 8), which does three things:
 //!
 //! - It fixes a defect of the SVM emulation. When the L1's KVM enters the L2 with an external
 //!   interrupt to inject (VMCB `EVENTINJ`, type INTR), `helper_vmrun` sets `exception_index` to
@@ -13,7 +13,11 @@
 //!   whatever IF and GIF say. `HUSK_QEMU_SVM_FIX=0` turns the fix off, for an A/B in one binary.
 //! - It reports on stderr (`husk-qemu: …`, at most 50 lines of each kind per run) every such
 //!   stale event the CPU takes, and every external event delivered while GIF is clear, with the
-//!   path that delivered it.
+//!   path that delivered it, and every `HLT` executed while GIF is clear (such a CPU never
+//!   wakes again).
+//! - It adds the SVM state that gates interrupts to `info registers` (`SVM GIF=… VGIF=… GM=…
+//!   INT_CTL=… IRQ_REQ=…`), which the lab's monitor reads when the L1 goes silent
+//!   ([`super::monitor`]): whether a wedged L1 has GIF clear.
 //!
 //! Measured (BENCHMARKS.md, session 26): the fix does not change the nested-paging reproducer's
 //! guest deaths, and no stale event was taken in any run, so the default stays Debian's QEMU.
@@ -343,11 +347,17 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with('+') && l.contains("fprintf(stderr"))
             .collect();
-        assert_eq!(reports.len(), 3);
+        assert_eq!(reports.len(), 4);
         assert!(
             reports.iter().all(|l| l.contains("\"husk-qemu: ")),
             "{reports:?}"
         );
+        // The line the monitor parses, in the format it parses.
+        let dump = PATCH
+            .lines()
+            .find(|l| l.starts_with('+') && l.contains("\"SVM GIF="))
+            .expect("info registers reports GIF");
+        assert!(dump.contains("SVM GIF=%d VGIF=%d GM=%d INT_CTL=%08x IRQ_REQ=%08x"));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct CpuState {
     /// interrupts enabled is one the emulator no longer wakes (seen: both L1 vCPUs so, an
     /// NMI from the monitor ignored too, as if SVM's global interrupt flag stayed clear).
     pub irr: Vec<u8>,
+    /// The SVM state that gates interrupts (`GIF=… VGIF=… GM=… INT_CTL=… IRQ_REQ=…`), which
+    /// only the lab's patched QEMU prints (`HUSK_LAB_QEMU=patched`, [`super::emulator`]).
+    pub svm: Option<String>,
 }
 
 /// Every vCPU halted and at least one with vectors pending: an L1 the emulator no longer wakes,
@@ -86,12 +89,18 @@ fn read_to_prompt(reader: &mut impl BufRead) -> Result<String> {
 }
 
 /// Parses `info registers -a`: a `CPU#n` line starts each vCPU, and its `RIP=… CPL=n …
-/// HLT=n` line gives the state.
+/// HLT=n` line gives the state (and the patched QEMU's `SVM …` line after it, its SVM state).
 pub fn parse_registers(text: &str) -> Vec<CpuState> {
-    let mut out = Vec::new();
+    let mut out: Vec<CpuState> = Vec::new();
     let mut index = 0;
     for line in text.lines() {
         let line = line.trim();
+        if let Some(rest) = line.strip_prefix("SVM ") {
+            if let Some(last) = out.last_mut().filter(|s| s.index == index) {
+                last.svm = Some(rest.to_owned());
+            }
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("CPU#") {
             index = rest
                 .trim_end_matches(|c: char| !c.is_ascii_digit())
@@ -118,6 +127,7 @@ pub fn parse_registers(text: &str) -> Vec<CpuState> {
                 .unwrap_or(u8::MAX),
             halted: field("HLT=").is_some_and(|v| v == "1"),
             irr: Vec::new(),
+            svm: None,
         });
     }
     out
@@ -177,8 +187,13 @@ pub fn describe(states: &[CpuState], map: &SymbolMap) -> String {
                 let v: Vec<String> = s.irr.iter().map(u8::to_string).collect();
                 format!(", IRR pending {}", v.join(" "))
             };
+            let svm = s
+                .svm
+                .as_ref()
+                .map(|v| format!(", SVM {v}"))
+                .unwrap_or_default();
             format!(
-                "L1 vCPU {}: {mode} RIP={:#x}{}{irr}",
+                "L1 vCPU {}: {mode} RIP={:#x}{}{irr}{svm}",
                 s.index,
                 s.rip,
                 name.map(|n| format!(" ({n})")).unwrap_or_default()
@@ -209,6 +224,7 @@ ISR\t (none)\r\nIRR\t 236 251 253 \r\nAPR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x
             cpl: 0,
             halted,
             irr: irr.to_vec(),
+            svm: None,
         };
         assert!(asleep_with_interrupts_pending(&[cpu(0, true, &[236])]));
         assert!(asleep_with_interrupts_pending(&[
@@ -235,14 +251,16 @@ ISR\t (none)\r\nIRR\t 236 251 253 \r\nAPR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x
                     rip: 0xffffffff81a2c7ce,
                     cpl: 0,
                     halted: true,
-                    irr: vec![]
+                    irr: vec![],
+                    svm: None,
                 },
                 CpuState {
                     index: 1,
                     rip: 0x7f12d4a1b2c3,
                     cpl: 3,
                     halted: false,
-                    irr: vec![]
+                    irr: vec![],
+                    svm: None,
                 },
             ]
         );
@@ -268,5 +286,29 @@ ISR\t (none)\r\nIRR\t 236 251 253 \r\nAPR 0x00 TPR 0x10 DFR 0x0f LDR 0x01 PPR 0x
              L1 vCPU 1: user RIP=0x7f12d4a1b2c3"
         );
         assert!(parse_irr("ISR\t (none)\r\nIRR\t (none)\r\n").is_empty());
+    }
+
+    #[test]
+    fn the_patched_qemus_svm_line_belongs_to_its_cpu() {
+        let patched = "info registers -a\r\n\r\nCPU#0\r\n\
+RIP=ffffffff81a2c7ce RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n\
+SVM GIF=0 VGIF=0 GM=0 INT_CTL=00000000 IRQ_REQ=00000002\r\n\
+ES =0000 0000000000000000 ffffffff 00c00000\r\n\
+\r\nCPU#1\r\n\
+RIP=00007f12d4a1b2c3 RFL=00000202 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0\r\n(qemu) ";
+        let states = parse_registers(patched);
+        assert_eq!(
+            states[0].svm.as_deref(),
+            Some("GIF=0 VGIF=0 GM=0 INT_CTL=00000000 IRQ_REQ=00000002")
+        );
+        assert_eq!(states[1].svm, None);
+        let text = describe(&states, &SymbolMap::default());
+        assert!(
+            text.starts_with(
+                "L1 vCPU 0: halted RIP=0xffffffff81a2c7ce, SVM GIF=0 VGIF=0 GM=0 \
+                 INT_CTL=00000000 IRQ_REQ=00000002; "
+            ),
+            "{text}"
+        );
     }
 }

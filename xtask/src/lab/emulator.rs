@@ -3,7 +3,7 @@
 //! By default the L1 runs under the installed, unpatched `qemu-system-x86_64` (Debian's 7.2).
 //! `HUSK_LAB_QEMU=backports` runs bookworm-backports' QEMU 10 (`backports`), and
 //! `HUSK_LAB_QEMU=patched` Debian's QEMU 7.2 rebuilt from its own source package with the lab's
-//! patch, `qemu-svm-event-injection.patch` (issue 8), which does three things:
+//! patch, `qemu-svm-event-injection.patch` (issue 8), which does four things:
 //!
 //! - It fixes a defect of the SVM emulation. When the L1's KVM enters the L2 with an external
 //!   interrupt to inject (VMCB `EVENTINJ`, type INTR), `helper_vmrun` sets `exception_index` to
@@ -11,6 +11,12 @@
 //!   something overwrites it (the next exception or #VMEXIT), an exit request from another
 //!   thread makes the CPU loop take it for a pending exception and deliver the vector again,
 //!   whatever IF and GIF say. `HUSK_QEMU_SVM_FIX=0` turns the fix off, for an A/B in one binary.
+//! - It fixes a data race that loses GIF. Every `FLDENV`, `FRSTOR`, `FXRSTOR` and `XRSTOR` of
+//!   any vCPU calls `cpu_clear_ignne`, which does a plain read-modify-write of the *first*
+//!   CPU's `hflags2` from that vCPU's thread (the lab runs MTTCG). When it races with the first
+//!   CPU's own STGI, VMRUN or #VMEXIT, the stale copy written back undoes their change to GIF.
+//!   The fix touches only the IGNNE bit, atomically, and only when it is set;
+//!   `HUSK_QEMU_IGNNE_FIX=0` restores QEMU's code.
 //! - It reports on stderr (`husk-qemu: …`, at most 50 lines of each kind per run) every such
 //!   stale event the CPU takes, and every external event delivered while GIF is clear, with the
 //!   path that delivered it, and every `HLT` executed while GIF is clear (such a CPU never
@@ -347,7 +353,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with('+') && l.contains("fprintf(stderr"))
             .collect();
-        assert_eq!(reports.len(), 4);
+        assert_eq!(reports.len(), 6);
         assert!(
             reports.iter().all(|l| l.contains("\"husk-qemu: ")),
             "{reports:?}"
@@ -358,6 +364,18 @@ mod tests {
             .find(|l| l.starts_with('+') && l.contains("\"SVM GIF="))
             .expect("info registers reports GIF");
         assert!(dump.contains("SVM GIF=%d VGIF=%d GM=%d INT_CTL=%08x IRQ_REQ=%08x"));
+    }
+
+    #[test]
+    fn the_patch_makes_clearing_ignne_atomic_and_keeps_qemus_code_behind_a_knob() {
+        let clear = PATCH
+            .find(" void cpu_clear_ignne(void)")
+            .expect("cpu_clear_ignne is in the patch's context");
+        let atomic = PATCH
+            .find("+            qatomic_and(&env->hflags2, ~HF2_IGNNE_MASK);")
+            .expect("the patch clears IGNNE atomically");
+        assert!(clear < atomic);
+        assert!(PATCH.contains("HUSK_QEMU_IGNNE_FIX"));
     }
 
     #[test]

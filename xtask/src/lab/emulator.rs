@@ -17,7 +17,8 @@
 //!   CPU's own STGI, VMRUN or #VMEXIT, the stale copy written back undoes their change to GIF.
 //!   The fix touches only the IGNNE bit, atomically, and only when it is set;
 //!   `HUSK_QEMU_IGNNE_FIX=0` restores QEMU's code.
-//! - It reports on stderr (`husk-qemu: …`, at most 50 lines of each kind per run) every such
+//! - It reports on stderr (`husk-qemu: …`, at most 50 reports of each kind per run, each with
+//!   the CPU's last GIF events) every such
 //!   stale event the CPU takes, and every external event delivered while GIF is clear, with the
 //!   path that delivered it, and every `HLT` executed while GIF is clear (such a CPU never
 //!   wakes again).

@@ -15,9 +15,7 @@
 
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_shim::agent::{
     open_stdio_stream_at, AgentClient, CreateSandboxRequest, GuestStream, ShareSource, StdioConfig,
@@ -38,9 +36,6 @@ const CONTAINER_IDS: std::ops::RangeInclusive<u32> = 1..=9;
 const AGENT_PORT: u32 = 1024;
 /// Generous: containers start slowly under nested emulation.
 pub const WAIT: Duration = Duration::from_secs(120);
-/// The longest a process whose output keeps arriving may run before [`Pod::collect`] gives
-/// up on it: a long stream is not a stall (the lab's 100 MiB stream takes 80–115 s).
-const STREAMING_WAIT: Duration = Duration::from_secs(600);
 
 /// Default capabilities of a container (Docker's set).
 pub const DEFAULT_CAPS: &[&str] = &[
@@ -339,48 +334,20 @@ impl Pod {
             }
             Ok::<(), String>(())
         });
-        // What the output streams have delivered so far, and when they last did: the wait
-        // below gives up on a process whose output stalled, not on one that is still talking.
-        let progress = Arc::new(Progress::new());
         let read_all = |s: Option<Box<dyn GuestStream>>| {
-            let progress = Arc::clone(&progress);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if let Some(mut s) = s {
-                    let mut chunk = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = s
-                            .read(&mut chunk)
-                            .await
-                            .map_err(|e| format!("read output stream: {e}"))?;
-                        if n == 0 {
-                            break;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        progress.add(n);
-                    }
+                    s.read_to_end(&mut buf)
+                        .await
+                        .map_err(|e| format!("read output stream: {e}"))?;
                 }
                 Ok::<Vec<u8>, String>(buf)
             })
         };
         let out = read_all(streams.stdout);
         let err = read_all(streams.stderr);
-        let stalled = async {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if progress.silent_for() >= WAIT {
-                    break;
-                }
-            }
-        };
-        let waited = tokio::select! {
-            r = self.client.wait_process(cid, eid, STREAMING_WAIT) => r.map_err(|e| e.to_string()),
-            () = stalled => Err(format!(
-                "timed out: no exit and no output for {} s",
-                WAIT.as_secs()
-            )),
-        };
-        let wait = match waited {
+        let wait = match self.client.wait_process(cid, eid, WAIT).await {
             Ok(wait) => wait,
             Err(e) => {
                 let stdin = if feeder.is_finished() {
@@ -389,11 +356,7 @@ impl Pod {
                     "still open".into()
                 };
                 panic!(
-                    "WaitProcess {cid}/{eid}: {e} (stdin: {stdin}; output received: {} bytes, \
-                     the last {:.1} s ago, {:.1} s after the wait began)\n{}",
-                    progress.bytes(),
-                    progress.silent_for().as_secs_f64(),
-                    progress.started.elapsed().as_secs_f64(),
+                    "WaitProcess {cid}/{eid}: {e} (stdin: {stdin})\n{}",
                     self.diagnostics()
                 )
             }
@@ -419,40 +382,5 @@ impl Pod {
             Some(st) if st.success() => {}
             other => panic!("VM did not exit cleanly: {other:?}\n{}", self.diagnostics()),
         }
-    }
-}
-
-/// How much output a process has delivered, and when it last did ([`Pod::collect`]).
-struct Progress {
-    started: Instant,
-    bytes: AtomicU64,
-    /// Milliseconds from `started` to the last output.
-    last_ms: AtomicU64,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            started: Instant::now(),
-            bytes: AtomicU64::new(0),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn add(&self, n: usize) {
-        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Time since the last output (since the start when there was none).
-    fn silent_for(&self) -> Duration {
-        self.started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
     }
 }

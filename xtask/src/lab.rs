@@ -23,9 +23,9 @@
 //! `/dev/null`, its stdout and stderr both arrive on our stdout (one serial line).
 //! `HUSK_LAB_VERBOSE=1` shows the L1's boot console on stderr; `HUSK_LAB_L1_CMDLINE` adds
 //! words to the L1 kernel's command line (`husk_lab.kvm_amd=vgif=0` sets kvm_amd's parameters);
-//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1. The L1 runs under Debian's QEMU 7.2
-//! rebuilt with the lab's SVM patch (two fixes and diagnostics, see `emulator`);
-//! `HUSK_LAB_QEMU=debian` runs it under the installed QEMU instead; `HUSK_LAB_QEMU=backports` and
+//! `HUSK_LAB_CPU` replaces QEMU's `-cpu max` for the L1. `HUSK_LAB_QEMU=patched` runs the L1
+//! under Debian's QEMU 7.2 rebuilt with the lab's SVM patch (a fix and diagnostics, see
+//! `emulator`); `HUSK_LAB_QEMU=backports` and
 //! `HUSK_LAB_L1_KERNEL=backports` run the L1 under bookworm-backports' QEMU 10 and kernel 6.12
 //! (fetched into the husk cache, see `backports`). `/tmp` and `/run` in the
 //! lab are fresh tmpfs; everything else outside the shares is read-only.
@@ -127,9 +127,6 @@ pub struct LabRun {
     pub mem_mib: u32,
     /// Where the command's output goes.
     pub output: Output,
-    /// With [`Output::Capture`], a file that also gets each line as it arrives (a soak's run
-    /// log), so a run that is killed or still running can be read.
-    pub capture_log: Option<PathBuf>,
     /// A command silent this long is taken for a wedged L1 ([`L1Died`]); only for commands
     /// whose own timeouts are all shorter (the test binaries).
     pub silence_limit: Option<Duration>,
@@ -188,7 +185,6 @@ impl LabRun {
             smp: DEFAULT_SMP,
             mem_mib: 3072,
             output: Output::Stream,
-            capture_log: None,
             silence_limit: None,
         }
     }
@@ -256,7 +252,6 @@ impl LabRun {
                     .filter(|v| !v.trim().is_empty()),
                 cpu: &cpu,
                 qemu: &lab_qemu,
-                capture_log: self.capture_log.as_deref(),
             };
             let ended = qemu::launch_once(&launch, self.output, self.boot_timeout, self.timeout);
             keep_symbols(job.path(), &symbols);

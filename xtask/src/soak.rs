@@ -14,8 +14,7 @@
 //! - `test:<name>`: any component or end-to-end test by its exact name, each run in a fresh lab.
 //!
 //! Lab runs (where the host KVM does not boot Linux) keep each run's output in
-//! `$HUSK_CACHE/soak/<workload>-<time>/run-<n>.log`, written line by line as the run goes (a
-//! killed soak keeps it). A run counts as passed only if its command
+//! `$HUSK_CACHE/soak/<workload>-<time>/run-<n>.log`. A run counts as passed only if its command
 //! exited 0; its guest retries (lines from `husk_integration::lab_retry`) are counted and shown.
 
 use std::fs;
@@ -238,13 +237,9 @@ fn lab_soak(args: &Args, target: &Target, timeout: Duration) -> Result<Vec<RunOu
         let vmm = args.vmm_of_run(run);
         let mut env = env.clone();
         env.push((husk_integration::vm::VMM_ENV.into(), vmm.into()));
+        println!("soak: run {run}/{} under {vmm}", args.runs);
+        let (outcome, output) = one_lab_run(&argv, &env, mode, timeout)?;
         let log = logs.join(format!("run-{run}.log"));
-        println!(
-            "soak: run {run}/{} under {vmm} (its output goes to {} as it comes)",
-            args.runs,
-            log.display()
-        );
-        let (outcome, output) = one_lab_run(&argv, &env, mode, timeout, &log)?;
         fs::write(&log, &output).with_context(|| format!("Cannot write {}", log.display()))?;
         let took = started.elapsed().as_secs_f64();
         match &outcome {
@@ -273,7 +268,6 @@ fn one_lab_run(
     env: &[(String, String)],
     mode: KvmMode,
     timeout: Duration,
-    log: &Path,
 ) -> Result<(RunOutcome, String)> {
     if mode == KvmMode::Direct {
         let out = Command::new(&argv[0])
@@ -297,7 +291,6 @@ fn one_lab_run(
     lab.env = env.to_vec();
     lab.timeout = timeout;
     lab.output = Output::Capture;
-    lab.capture_log = Some(log.to_path_buf());
     // As in the suite: a run silent this long has a wedged L1 under it (an `L1 died` failure).
     // The tests' waits give up sooner, and the lab experiments finish a run or print well
     // within it.

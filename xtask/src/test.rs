@@ -106,13 +106,6 @@ pub fn run(args: &Args) -> Result<()> {
             KvmMode::Lab => "inside the lab (this host's /dev/kvm does not boot Linux)",
         }
     );
-    if mode == KvmMode::Lab {
-        // Built once per machine (about 5 minutes); a step of its own, so that its time is not
-        // counted in the first test binary's.
-        step("the lab's emulator", || {
-            lab::emulator::qemu().map(|q| eprintln!("    {}: {}", q.name, q.program.display()))
-        })?;
-    }
     let mut failed = Vec::new();
     let mut retries = SuiteRetries::default();
     for (bin, runtime) in runs(&binaries) {

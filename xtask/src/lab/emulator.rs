@@ -1,10 +1,9 @@
 //! The QEMU the L1 runs under (`HUSK_LAB_QEMU`).
 //!
-//! By default (or `HUSK_LAB_QEMU=patched`) the L1 runs under Debian's QEMU 7.2 rebuilt from its
-//! own source package with the lab's patch, `qemu-svm-event-injection.patch` (issue 8).
-//! `HUSK_LAB_QEMU=debian` runs the installed, unpatched `qemu-system-x86_64` instead, and
-//! `HUSK_LAB_QEMU=backports` bookworm-backports' QEMU 10 (`backports`). The patch does four
-//! things:
+//! By default the L1 runs under the installed, unpatched `qemu-system-x86_64` (Debian's 7.2).
+//! `HUSK_LAB_QEMU=backports` runs bookworm-backports' QEMU 10 (`backports`), and
+//! `HUSK_LAB_QEMU=patched` Debian's QEMU 7.2 rebuilt from its own source package with the lab's
+//! patch, `qemu-svm-event-injection.patch` (issue 8), which does four things:
 //!
 //! - It fixes a defect of the SVM emulation. When the L1's KVM enters the L2 with an external
 //!   interrupt to inject (VMCB `EVENTINJ`, type INTR), `helper_vmrun` sets `exception_index` to
@@ -27,11 +26,8 @@
 //!   INT_CTL=… IRQ_REQ=…`), which the lab's monitor reads when the L1 goes silent
 //!   ([`super::monitor`]): whether a wedged L1 has GIF clear.
 //!
-//! Measured (BENCHMARKS.md): the event-injection fix does not change the nested-paging
-//! reproducer's guest deaths, and no stale event was taken in any run (session 26). The race fix
-//! is what makes the lab hold (session 28): with it, container cycles ran 2,000 in one lab for
-//! the first time, without a GIF report; without it, the same binary wedged with GIF clear. So the
-//! patched QEMU is the default, at one build of about five minutes per machine.
+//! Measured (BENCHMARKS.md, session 26): the fix does not change the nested-paging reproducer's
+//! guest deaths, and no stale event was taken in any run, so the default stays Debian's QEMU.
 //!
 //! The build: the source package of the installed `qemu-system-x86` comes through a private
 //! apt configuration (`apt-get source --download-only`: apt checks the archive's signature and
@@ -53,8 +49,7 @@ use super::backports;
 use crate::cache::{self, CacheKey};
 use crate::process::{output_text, run_logged};
 
-/// Chooses the L1's emulator: unset, empty or `patched` for the patched one, `debian` for the
-/// installed one, `backports`.
+/// Chooses the L1's emulator: unset or empty for the installed one, `patched` or `backports`.
 pub const HUSK_LAB_QEMU_ENV: &str = "HUSK_LAB_QEMU";
 /// Our fix to QEMU's SVM emulation, applied after Debian's patches.
 const PATCH: &str = include_str!("qemu-svm-event-injection.patch");
@@ -116,13 +111,13 @@ enum Choice {
 
 fn choice(value: Option<String>) -> Result<Choice> {
     match value.as_deref().map(str::trim) {
-        None | Some("") | Some("patched") => Ok(Choice::Patched),
-        Some("debian") => Ok(Choice::Debian),
+        None | Some("") => Ok(Choice::Debian),
+        Some("patched") => Ok(Choice::Patched),
         Some("backports") => Ok(Choice::Backports),
         Some(other) => bail!(
-            "{HUSK_LAB_QEMU_ENV}={other:?}: it takes `patched` or nothing (Debian's QEMU rebuilt \
-             with the lab's SVM patch, the default), `debian` (the installed QEMU, unpatched) or \
-             `backports` (QEMU 10 from bookworm-backports)"
+            "{HUSK_LAB_QEMU_ENV}={other:?}: it takes `patched` (Debian's QEMU rebuilt with the \
+             lab's SVM patch), `backports` (QEMU 10 from bookworm-backports), or nothing (the \
+             installed QEMU)"
         ),
     }
 }
@@ -326,11 +321,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_knob_defaults_to_the_patched_qemu() {
-        assert_eq!(choice(None).unwrap(), Choice::Patched);
-        assert_eq!(choice(Some(" ".into())).unwrap(), Choice::Patched);
+    fn the_knob_takes_patched_backports_or_nothing() {
+        assert_eq!(choice(None).unwrap(), Choice::Debian);
+        assert_eq!(choice(Some(" ".into())).unwrap(), Choice::Debian);
         assert_eq!(choice(Some("patched".into())).unwrap(), Choice::Patched);
-        assert_eq!(choice(Some("debian".into())).unwrap(), Choice::Debian);
         assert_eq!(choice(Some("backports".into())).unwrap(), Choice::Backports);
         let err = choice(Some("10.0".into())).unwrap_err().to_string();
         assert!(err.contains("HUSK_LAB_QEMU=\"10.0\""), "{err}");

@@ -7,7 +7,6 @@
 //! at their own paths. A watchdog kills QEMU when the boot or the whole run overruns.
 
 use std::ffi::OsString;
-use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -71,10 +70,8 @@ pub struct Launch<'a> {
     pub l1_cmdline_extra: Option<String>,
     /// QEMU's `-cpu` for the L1 (`max`, or `HUSK_LAB_CPU`).
     pub cpu: &'a str,
-    /// The emulator: the patched QEMU, Debian's installed one, or backports' (`HUSK_LAB_QEMU`).
+    /// The emulator: Debian's installed QEMU, or backports' (`HUSK_LAB_QEMU`).
     pub qemu: &'a LabQemu,
-    /// See `LabRun::capture_log`.
-    pub capture_log: Option<&'a Path>,
 }
 
 /// Where the command's output goes.
@@ -280,13 +277,6 @@ pub fn launch_once(
 
     let mut console = Vec::new(); // L1 boot output, shown only when the boot fails
     let mut captured = String::new();
-    // Each launch starts the file afresh, as it starts `captured` afresh.
-    let mut capture_log = match (output, launch.capture_log) {
-        (Output::Capture, Some(path)) => Some(
-            fs::File::create(path).with_context(|| format!("Cannot create {}", path.display()))?,
-        ),
-        _ => None,
-    };
     let mut kvm_ready = None;
     let mut command_started = None;
     let mut exit_code = None;
@@ -432,12 +422,6 @@ pub fn launch_once(
                     Output::Capture => {
                         captured.push_str(&text);
                         captured.push('\n');
-                        if let Some(file) = capture_log.as_mut() {
-                            // The run goes on without its live copy; `captured` is still whole.
-                            if writeln!(file, "{text}").is_err() {
-                                capture_log = None;
-                            }
-                        }
                     }
                 }
             }
